@@ -1,0 +1,3 @@
+from botbox.cli import main
+
+raise SystemExit(main())

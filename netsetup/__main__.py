@@ -1,0 +1,3 @@
+from netsetup.cli import main
+
+raise SystemExit(main())
