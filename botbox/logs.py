@@ -1,0 +1,91 @@
+"""JSON-lines logging on stderr (CONTRACT §6).
+
+One object per line: ``ts`` (RFC 3339 UTC), ``level``, ``msg`` plus event fields. Request lines carry
+exactly the CONTRACT §6 fields. Values that are not JSON types are rendered with ``str()``, which for a
+``SecretValue`` is its redacted placeholder, so an accidental secret can never be printed in clear.
+Callers never pass header values; ``headers_rewritten`` holds names only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, default=str).encode
+
+
+def _ts() -> str:
+    now = time.time()
+    secs = int(now)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{int((now - secs) * 1000):03d}Z"
+
+
+class JsonLogger:
+    """Minimal structured logger; ``stream`` defaults to ``sys.stderr`` (looked up per write)."""
+
+    def __init__(self, stream: TextIO | None = None, level: str = "info") -> None:
+        self._stream = stream
+        self._min = _LEVELS[level]
+
+    def _write(self, level: str, msg: str, fields: dict[str, Any]) -> None:
+        if _LEVELS[level] < self._min:
+            return
+        record: dict[str, Any] = {"ts": _ts(), "level": level, "msg": msg}
+        record.update(fields)
+        line = _dumps(record) + "\n"
+        stream = self._stream if self._stream is not None else sys.stderr
+        try:
+            stream.write(line)
+            stream.flush()
+        except (OSError, ValueError):  # stderr closed: logging must never take the proxy down
+            pass
+
+    def debug(self, msg: str, **fields: Any) -> None:
+        self._write("debug", msg, fields)
+
+    def info(self, msg: str, **fields: Any) -> None:
+        self._write("info", msg, fields)
+
+    def warning(self, msg: str, **fields: Any) -> None:
+        self._write("warning", msg, fields)
+
+    def error(self, msg: str, **fields: Any) -> None:
+        self._write("error", msg, fields)
+
+    def request(
+        self,
+        *,
+        request_id: str,
+        client: str | None,
+        orig_dst: str | None,
+        host: str | None,
+        method: str | None,
+        path: str | None,
+        decision: str,
+        rule: str | None,
+        headers_rewritten: list[str],
+        upstream_status: int | None,
+        duration_ms: float,
+    ) -> None:
+        """The per-request access line: exactly the CONTRACT §6 fields plus ts/level/msg."""
+        self._write(
+            "info",
+            "request",
+            {
+                "request_id": request_id,
+                "client": client,
+                "orig_dst": orig_dst,
+                "host": host,
+                "method": method,
+                "path": path,
+                "decision": decision,
+                "rule": rule,
+                "headers_rewritten": headers_rewritten,
+                "upstream_status": upstream_status,
+                "duration_ms": duration_ms,
+            },
+        )
