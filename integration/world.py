@@ -127,6 +127,7 @@ class World:
         self.opts = opts
         self.index = opts.index
         self.secrets = dict(opts.secrets)
+        self.secret_history: list[str] = list(self.secrets.values())  # every value ever published
         self._stack = contextlib.ExitStack()
         self._procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.rt: Runtime | None = None
@@ -363,6 +364,7 @@ class World:
     def write_secret(self, name: str, value: str) -> None:
         """Create or rotate one secret (the others keep their current values)."""
         self.secrets[name] = value
+        self.secret_history.append(value)
         self._publish({**self._published, name: value})
 
     def delete_secret(self, name: str) -> None:
@@ -534,7 +536,7 @@ class World:
         return totals
 
     def redact(self, text: str) -> str:
-        for value in self.secrets.values():
+        for value in sorted(self.secret_history, key=len, reverse=True):
             text = text.replace(value, "<redacted>")
         return text
 
@@ -604,3 +606,40 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
 def running_world(opts: WorldOptions) -> Iterator[World]:
     with World(opts) as world:
         yield world
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: str
+
+    def header(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def parse_response(raw: str) -> RawResponse:
+    """Parse one HTTP/1.1 response as read off the wire (Content-Length or chunked body)."""
+    head, sep, rest = raw.partition("\r\n\r\n")
+    if not sep:
+        raise ValueError(f"no complete response head in {raw[:200]!r}")
+    lines = head.split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = [(k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in lines[1:])]
+    hmap = {k.lower(): v for k, v in headers}
+    if "chunked" in hmap.get("transfer-encoding", "").lower():
+        body, pos = [], 0
+        while True:
+            size_end = rest.index("\r\n", pos)
+            size = int(rest[pos:size_end].split(";")[0], 16)
+            if size == 0:
+                break
+            body.append(rest[size_end + 2 : size_end + 2 + size])
+            pos = size_end + 2 + size + 2
+        return RawResponse(status, headers, "".join(body))
+    if "content-length" in hmap:
+        return RawResponse(status, headers, rest[: int(hmap["content-length"])])
+    return RawResponse(status, headers, rest)
