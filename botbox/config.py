@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from botbox.hostname import InvalidHost, parse_authority
+from botbox.hostname import InvalidHost, canonicalize_host, parse_authority
 
 __all__ = [
     "PROXY_UID",
@@ -141,12 +141,16 @@ class RuleConfig(_Model):
     @classmethod
     def _host(cls, v: str) -> str:
         try:
-            host, port = parse_authority(v)
+            return canonicalize_host(v)  # also accepts a bare IPv6 literal
         except InvalidHost as e:
-            raise ValueError(str(e)) from None
+            first_error = str(e)
+        try:
+            _, port = parse_authority(v)
+        except InvalidHost:
+            raise ValueError(first_error) from None
         if port is not None:
             raise ValueError(f"{v!r}: a port does not belong in host; list it in allowed_ports")
-        return host
+        raise ValueError(first_error)  # pragma: no cover - parse_authority is stricter
 
     @field_validator("allowed_ports")
     @classmethod
@@ -340,6 +344,11 @@ def _raw_duplicate_scan(data: object) -> list[str]:
     hosts: list[tuple[int, str]] = []
     for i, r in enumerate(rules):
         if isinstance(r, dict) and isinstance(r.get("host"), str):
+            try:
+                hosts.append((i, canonicalize_host(r["host"])))
+                continue
+            except InvalidHost:
+                pass
             try:
                 hosts.append((i, parse_authority(r["host"])[0]))
             except InvalidHost:

@@ -116,8 +116,12 @@ def test_defaults_of_empty_config() -> None:
 
 
 def test_rule_host_is_stored_canonical() -> None:
-    cfg = parse_config(_cfg(_rule(host=" API.Example.COM. "), _rule(host="bücher.de")))
-    assert [r.host for r in cfg.egress_policy.rules] == ["api.example.com", "xn--bcher-kva.de"]
+    cfg = parse_config(_cfg(_rule(host=" API.Example.COM. "), _rule(host="bücher.de"),
+                            _rule(host="2001:DB8::1"), _rule(host="[2001:db8::2]")))
+    assert [r.host for r in cfg.egress_policy.rules] == [
+        "api.example.com", "xn--bcher-kva.de", "2001:db8::1", "2001:db8::2"]
+    _one_error(_cfg(_rule(host="[2001:db8::1]:443")), "egress_policy.rules[0].host")
+    _one_error(_cfg(_rule(host="2001:db8::1"), _rule(host="[2001:0db8::1]")), "egress_policy.rules")
 
 
 @pytest.mark.parametrize(
