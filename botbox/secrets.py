@@ -363,19 +363,27 @@ async def watch_secrets(
                     await anyio.sleep(interval)
                     continue
                 async for _changes in awatch(
-                    store.secrets_dir, watch_filter=None, debounce=200, step=50, recursive=True
+                    store.secrets_dir, watch_filter=None, debounce=200, step=50, recursive=True,
+                    stop_event=stop_watching,
                 ):
                     await do_reload()
             except (OSError, RuntimeError) as e:
                 log.warning("secrets watcher error (%s); relying on the periodic check", type(e).__name__)
             await anyio.sleep(interval)
 
+    # Cancellation cannot interrupt awatch's worker thread (it only returns after rust_timeout, 5 s);
+    # the sibling loop sets this event when cancelled so the watcher thread returns within ``step``.
+    stop_watching = anyio.Event()
+
     async def periodic_loop() -> None:
-        while True:
-            await anyio.sleep(interval)
-            fp = await anyio.to_thread.run_sync(store.fingerprint)
-            if fp != last_fp[0] or not last_ok[0]:
-                await do_reload()
+        try:
+            while True:
+                await anyio.sleep(interval)
+                fp = await anyio.to_thread.run_sync(store.fingerprint)
+                if fp != last_fp[0] or not last_ok[0]:
+                    await do_reload()
+        finally:
+            stop_watching.set()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(inotify_loop)
