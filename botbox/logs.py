@@ -9,6 +9,7 @@ Callers never pass header values; ``headers_rewritten`` holds names only.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from typing import Any, TextIO
@@ -89,3 +90,33 @@ class JsonLogger:
                 "duration_ms": duration_ms,
             },
         )
+
+
+class JsonLogHandler(logging.Handler):
+    """Routes stdlib ``logging`` records (e.g. ``botbox.secrets``) into the JSON-lines stream."""
+
+    def __init__(self, logger: JsonLogger) -> None:
+        super().__init__()
+        self._logger = logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+        except Exception:  # a bad format string must not crash the proxy
+            msg = str(record.msg)
+        level = record.levelname.lower()
+        if level not in _LEVELS:
+            level = "error" if record.levelno >= logging.ERROR else "info"
+        fields: dict[str, Any] = {"logger": record.name}
+        if record.exc_info and record.exc_info[0] is not None:
+            fields["error"] = record.exc_info[0].__name__  # type only: messages may quote data
+        self._logger._write(level, msg, fields)
+
+
+def install_stdlib_bridge(logger: JsonLogger, level: int = logging.INFO) -> None:
+    """Make the root stdlib logger write JSON lines through ``logger`` (replaces existing handlers)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(JsonLogHandler(logger))
+    root.setLevel(level)
