@@ -354,26 +354,31 @@ async def watch_secrets(
             last_fp[0] = await anyio.to_thread.run_sync(store.fingerprint)
         on_reload(ok)
 
+    # awatch runs the inotify wait in a worker thread that cancellation cannot interrupt; this
+    # event (checked by watchfiles every ``step`` ms) is set when the watcher is cancelled.
+    stop = threading.Event()
+
     async def inotify_loop() -> None:
         from watchfiles import awatch
 
-        while True:
+        while not stop.is_set():
             try:
                 if not store.secrets_dir.is_dir():
                     await anyio.sleep(interval)
                     continue
                 async for _changes in awatch(
-                    store.secrets_dir, watch_filter=None, debounce=200, step=50, recursive=True,
-                    stop_event=stop_watching,
+                    store.secrets_dir,
+                    watch_filter=None,
+                    debounce=200,
+                    step=50,
+                    stop_event=stop,
+                    rust_timeout=1000,
+                    recursive=True,
                 ):
                     await do_reload()
             except (OSError, RuntimeError) as e:
                 log.warning("secrets watcher error (%s); relying on the periodic check", type(e).__name__)
             await anyio.sleep(interval)
-
-    # Cancellation cannot interrupt awatch's worker thread (it only returns after rust_timeout, 5 s);
-    # the sibling loop sets this event when cancelled so the watcher thread returns within ``step``.
-    stop_watching = anyio.Event()
 
     async def periodic_loop() -> None:
         try:
@@ -383,7 +388,7 @@ async def watch_secrets(
                 if fp != last_fp[0] or not last_ok[0]:
                     await do_reload()
         finally:
-            stop_watching.set()
+            stop.set()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(inotify_loop)

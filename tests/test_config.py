@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -402,27 +404,36 @@ def test_unreadable_file(tmp_path: Path) -> None:
     assert str(p) in str(ei.value)
 
 
-def test_unreadable_file_as_other_uid(tmp_path: Path) -> None:
+def test_unreadable_file_as_other_uid() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to switch uid")
-    p = tmp_path / "secret.yaml"
-    p.write_text("{}")
-    p.chmod(0o600)
-    tmp_path.chmod(0o755)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
+    d = Path(tempfile.mkdtemp(prefix="botbox-config-test-", dir="/tmp"))
+    try:
+        d.chmod(0o755)
+        readable = d / "readable.yaml"
+        readable.write_text("listen_port: 8081\n")
+        readable.chmod(0o644)
+        private = d / "private.yaml"
+        private.write_text("{}")
+        private.chmod(0o600)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
             try:
-                load_config(p)
-            except ConfigError as e:
-                code = 0 if "cannot read" in str(e) and str(p) in str(e) else 3
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+                os.setgid(65534)
+                os.setuid(65534)
+                ok = load_config(readable).listen_port == 8081  # the directory is reachable
+                try:
+                    load_config(private)
+                    code = 2
+                except ConfigError as e:
+                    code = 0 if ok and "cannot read" in str(e) and str(private) in str(e) else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.parametrize(
