@@ -87,7 +87,7 @@ class _Model(BaseModel):
 
 class HeaderRewriteConfig(_Model):
     name: str
-    value: str
+    value: str = Field(repr=False)  # a static template may itself be a credential
     secret_ref: str | None = Field(default=None, validate_default=True)
 
     @field_validator("name")
