@@ -199,6 +199,8 @@ def canonicalize_host(raw: str) -> str:
 def parse_authority(raw: str) -> tuple[str, int | None]:
     """Parse ``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` into (canonical host, port or None).
 
+    For wire authorities (``Host`` header, absolute-form URI): non-ASCII input is refused.
+
     Ports are decimal 1..65535 without sign, leading zeros or surrounding space; an empty port
     (``host:``) is rejected. A bare (unbracketed) IPv6 literal is rejected: it is ambiguous in an
     authority. Raises :class:`InvalidHost`, nothing else.
@@ -207,6 +209,11 @@ def parse_authority(raw: str) -> tuple[str, int | None]:
         raise InvalidHost("authority must be a string")
     if len(raw) > _MAX_RAW:
         raise InvalidHost("authority too long")
+    if not raw.isascii():
+        # On the wire (Host header, absolute URI, SNI) an IDN must already be punycode. Refusing
+        # non-ASCII here also stops aliasing through decoding: e.g. the latin-1 byte 0xAA is
+        # U+00AA, which UTS-46 maps to "a".
+        raise InvalidHost(f"{_describe(raw)}: non-ASCII authority (send IDNs as punycode)")
     s = raw.strip(" \t")
     if s.startswith("["):
         end = s.find("]")

@@ -135,7 +135,7 @@ def test_error_message_is_single_line_and_bounded() -> None:
         ("[::1]:443", ("::1", 443)),
         ("[2001:DB8::1]:8080", ("2001:db8::1", 8080)),
         ("127.0.0.1:80", ("127.0.0.1", 80)),
-        ("bücher.de:443", ("xn--bcher-kva.de", 443)),
+        ("xn--bcher-kva.de:443", ("xn--bcher-kva.de", 443)),
     ],
 )
 def test_parse_authority(raw: str, expected: tuple[str, int | None]) -> None:
@@ -167,6 +167,9 @@ def test_parse_authority(raw: str, expected: tuple[str, int | None]) -> None:
         "user@example.com:443",
         ":443",
         "",
+        "bücher.de",  # wire authorities must be ASCII (punycode)
+        "\xaapi.openai.com",  # latin-1 decoded byte 0xAA: UTS-46 would map it to "a"
+        "ＡＰＩ.openai.com:443",
     ],
 )
 def test_parse_authority_rejects(raw: str) -> None:
@@ -238,6 +241,7 @@ def test_arbitrary_authority_never_crashes(raw: str) -> None:
         host, port = parse_authority(raw)
     except InvalidHost:
         return
+    assert raw.isascii()
     assert canonicalize_host(host) == host
     assert port is None or 1 <= port <= 65535
 
