@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from botbox.hostname import InvalidHost, canonicalize_host, parse_authority
 
@@ -78,7 +86,15 @@ _PLACEHOLDER = "{value}"
 
 Port = Annotated[int, Field(ge=1, le=65535, strict=True)]
 Timeout = Annotated[float, Field(gt=0, le=_MAX_TIMEOUT, allow_inf_nan=False)]
-FilePath = Annotated[Path, Field(strict=False)]
+def _path_text(v: object) -> object:
+    if isinstance(v, str) and (not v.strip() or "\x00" in v):
+        raise ValueError("must be a non-empty path without NUL")
+    if not isinstance(v, str | Path):
+        raise ValueError("must be a path string")  # noqa: TRY004 - pydantic only converts ValueError
+    return v
+
+
+FilePath = Annotated[Path, BeforeValidator(_path_text), Field(strict=False)]
 
 
 class _Model(BaseModel):

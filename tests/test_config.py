@@ -160,6 +160,10 @@ def test_unknown_keys_are_errors(data: dict[str, Any], path: str) -> None:
         (_cfg(_rule(host=123)), "egress_policy.rules[0].host"),
         ({"https_interception": {"cert_ttl_seconds": "86400"}}, "https_interception.cert_ttl_seconds"),
         ({"https_interception": {"enabled": "true"}}, "https_interception.enabled"),
+        ({"secrets_dir": ""}, "secrets_dir"),
+        ({"secrets_dir": 5}, "secrets_dir"),
+        ({"upstream_ca_file": "a\x00b"}, "upstream_ca_file"),
+        ({"https_interception": {"ca_key_path": " "}}, "https_interception.ca_key_path"),
     ],
 )
 def test_strict_types(data: dict[str, Any], path: str) -> None:
