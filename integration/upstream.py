@@ -105,21 +105,46 @@ class HttpsHandler:
     def __init__(self, hits: HitLog, ctx: ssl.SSLContext) -> None:
         self.hits = hits
         self.ctx = ctx
+        # Server-side SSLObject.server_hostname is always None: record the SNI in the callback.
+        self._sni: dict[int, str | None] = {}
+        ctx.sni_callback = self._on_sni
 
-    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        local = _addr(writer.get_extra_info("sockname"))
-        peer = _addr(writer.get_extra_info("peername"))
+    def _on_sni(self, sslobj: Any, name: str | None, _ctx: ssl.SSLContext) -> None:
+        self._sni[id(sslobj)] = name
+
+    async def accept_loop(self, lsock: socket.socket) -> None:
+        """Accept raw TCP first (so every connection is recorded, TLS or not), then wrap in TLS.
+
+        ``start_server`` + ``StreamWriter.start_tls`` would race: the stream reader may swallow the
+        ClientHello before the TLS layer is installed.  ``connect_accepted_socket`` has no such window.
+        """
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task[None]] = set()
+        while True:
+            sock, _ = await loop.sock_accept(lsock)
+            task = asyncio.create_task(self._connection(sock))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    async def _connection(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        local, peer = _addr(sock.getsockname()), _addr(sock.getpeername())
         self.hits.write(kind="tcp", local_ip=local[0], local_port=local[1], peer=peer[0])
+        reader = asyncio.StreamReader(limit=1 << 20)
+        protocol = asyncio.StreamReaderProtocol(reader)
         try:
-            await asyncio.wait_for(writer.start_tls(self.ctx), timeout=10)
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, sock=sock, ssl=self.ctx, ssl_handshake_timeout=10
+            )
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             self.hits.write(
                 kind="tls_error", local_ip=local[0], local_port=local[1], error=type(exc).__name__
             )
-            writer.close()
+            sock.close()
             return
-        sslobj = writer.get_extra_info("ssl_object")
-        sni = sslobj.server_hostname if sslobj is not None else None
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        sslobj = transport.get_extra_info("ssl_object")
+        sni = self._sni.pop(id(sslobj), None)
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
         try:
             while True:
@@ -397,8 +422,15 @@ async def serve(spec: dict[str, Any]) -> None:
     catch_tcp = CatchAllTcp(hits)
     loop = asyncio.get_running_loop()
     servers: list[Any] = []
+    accept_tasks = []
     for addr in spec["https_addresses"]:
-        servers.append(await asyncio.start_server(https, host=addr, port=443, limit=1 << 20))
+        lsock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind((addr, 443))
+        lsock.listen(128)
+        lsock.setblocking(False)
+        servers.append(lsock)
+        accept_tasks.append(asyncio.create_task(https.accept_loop(lsock)))
     for addr in spec["catchall_addresses"]:
         for port in spec["tcp_ports"]:
             servers.append(await asyncio.start_server(catch_tcp, host=addr, port=port))

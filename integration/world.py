@@ -437,17 +437,26 @@ class World:
     ) -> subprocess.CompletedProcess[str]:
         assert self.rt is not None
         prefix = _as_uid(uid) if uid is not None else []
-        return netns.run_in_netns(
-            ns, [*prefix, *argv], env=self.rt.env(env), capture_output=True, text=True, timeout=timeout,
+        proc = netns.run_in_netns(
+            ns, [*prefix, *argv], env=self.rt.env(env), capture_output=True, timeout=timeout,
             cwd=self.rt.root,
         )
+        # Decode by hand: text=True would translate CRLF, and raw HTTP must stay byte-exact.
+        return subprocess.CompletedProcess(
+            proc.args, proc.returncode, proc.stdout.decode("utf-8", "replace"),
+            proc.stderr.decode("utf-8", "replace"),
+        )
 
-    def app(self, op: str, *, uid: int = APP_UID, timeout: float = 60, **args: Any) -> dict[str, Any]:
-        """Run one ``integration.appclient`` operation in the pod as ``uid`` (default: the app)."""
+    def app(self, op: str, *, uid: int = APP_UID, **args: Any) -> dict[str, Any]:
+        """Run one ``integration.appclient`` operation in the pod as ``uid`` (default: the app).
+
+        ``args`` go to the operation (``timeout`` included: the op's own socket/HTTP timeout); the
+        process itself gets a generous multiple of it.
+        """
         assert self.rt is not None
         proc = self.run(
             self.pod, [self.rt.python, "-m", "integration.appclient", json.dumps({"op": op, **args})],
-            uid=uid, timeout=timeout,
+            uid=uid, timeout=30 + 3 * float(args.get("timeout", 20)),
         )
         if proc.returncode != 0:
             raise WorldError(f"appclient {op} failed ({proc.returncode}): {self.redact(proc.stderr)[-3000:]}")
