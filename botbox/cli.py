@@ -8,6 +8,7 @@ why); 1 any other startup failure (port in use, unreadable CA or ``upstream_ca_f
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -27,12 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
     check = sub.add_parser("check-config", help="validate the config and print the effective policy")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file")
-    try:  # optional: CA management lives with the interception code
-        from botbox.tls import cli as tls_cli  # type: ignore[attr-defined,unused-ignore]
+    try:  # optional: CA management lives with the interception code (``botbox ca ...``)
+        tls_cli = importlib.import_module("botbox.tls.cli")
     except ImportError:
-        tls_cli = None
-    if tls_cli is not None and hasattr(tls_cli, "add_parser"):
-        tls_cli.add_parser(sub)
+        pass
+    else:
+        add_parser = getattr(tls_cli, "add_parser", None)
+        if callable(add_parser):
+            add_parser(sub)
     return p
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -59,6 +60,8 @@ MAX_HEAD_BYTES = 16 * 1024
 MAX_HEADERS = 100
 _READ_SIZE = 65536
 _FRAMING = (b"content-length", b"transfer-encoding")
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
 
 MSG_CONNECT = b"CONNECT method not allowed"
 MSG_NO_HOST = b"missing host"
@@ -171,6 +174,14 @@ class _Reject(Exception):
 class _ClientGone(Exception):
     """The client connection failed or timed out while we were reading its request body."""
 
+    def __init__(self, why: str, *, malformed: bool = False) -> None:
+        super().__init__(why)
+        self.malformed = malformed
+
+
+def _bad() -> _Reject:
+    return _Reject(400, MSG_BAD_REQUEST, "bad_request")
+
 
 @dataclass(slots=True)
 class _Head:
@@ -183,12 +194,16 @@ class _Head:
 
 def _inspect_head(head: bytes) -> _Head:
     """Raw checks h11 does not do (see module docstring). ``head`` excludes the final CRLFCRLF."""
-    if b"\n" in head.replace(b"\r\n", b"") or b"\r" in head.replace(b"\r\n", b""):
-        raise _Reject(400, MSG_BAD_REQUEST, "bad_request")
     lines = head.split(b"\r\n")
     if len(lines) - 1 > MAX_HEADERS:
-        raise _Reject(400, MSG_BAD_REQUEST, "bad_request")
+        raise _bad()
+    for line in lines:
+        # Bare CR/LF, NUL and other controls (HTAB allowed in values) anywhere in the head.
+        if _CTL.search(line) is not None:
+            raise _bad()
     request_line = lines[0]
+    if not request_line.endswith((b" HTTP/1.1", b" HTTP/1.0")):
+        raise _bad()
     method = request_line.split(b" ", 1)[0]
     info = _Head(method=method)
     for line in lines[1:]:
@@ -203,6 +218,8 @@ def _inspect_head(head: bytes) -> _Head:
             info.host_value = value.strip(b" \t")
         elif lname == b"content-length":
             info.cl_count += 1
+            if not _DIGITS.fullmatch(value.strip(b" \t")):
+                raise _bad()
         elif lname == b"transfer-encoding":
             info.te_values.append(value.strip(b" \t").lower())
     if info.host_count > 1 or info.cl_count > 1 or len(info.te_values) > 1:
@@ -351,10 +368,6 @@ class _Request:
     upstream_target: bytes = b""
     up_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     rewritten: list[str] = field(default_factory=list)
-
-
-def _bad() -> _Reject:
-    return _Reject(400, MSG_BAD_REQUEST, "bad_request")
 
 
 def _prepare(conn: _Conn, head: bytes, req: _Request) -> None:
@@ -527,7 +540,7 @@ async def _client_body(conn: _Conn, h: h11.Connection) -> AsyncIterator[bytes]:
         try:
             event = h.next_event()
         except h11.RemoteProtocolError as exc:
-            raise _ClientGone("malformed request body") from exc
+            raise _ClientGone("malformed request body", malformed=True) from exc
         if event is h11.NEED_DATA:
             try:
                 with anyio.fail_after(idle):
@@ -633,6 +646,8 @@ async def _forward(conn: _Conn, req: _Request) -> bool:
         keep = await _relay_response(conn, req, response)
     except _ClientGone as exc:
         problem = f"client: {exc}"
+        if exc.malformed and upstream_status is None:
+            await conn.send_generated(_bad(), head_only=req.head_only)
     except _TIMEOUT_ERRORS:
         problem = "upstream timeout"
         metrics.upstream_error(mhost, "timeout")

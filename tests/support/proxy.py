@@ -126,17 +126,33 @@ class RunningProxy:
         return self.runtime.app
 
     def metric(self, name: str, **labels: str) -> float:
-        v = self.runtime.metrics.registry.get_sample_value(name, labels)
-        return 0.0 if v is None else float(v)
+        """Current value; waits briefly for a pending update (accounting happens after the last byte
+        of the response is sent, so the client can see the response a moment before the metric)."""
+        deadline = time.monotonic() + 0.5
+        while True:
+            v = self.runtime.metrics.registry.get_sample_value(name, labels)
+            if v or time.monotonic() > deadline:
+                return 0.0 if v is None else float(v)
+            time.sleep(0.01)
+
+    def request_logs(self, n: int = 1) -> list[dict[str, Any]]:
+        """The request log lines, waiting until at least ``n`` exist."""
+        deadline = time.monotonic() + 2.0
+        while True:
+            logs = self.logs.requests()
+            if len(logs) >= n or time.monotonic() > deadline:
+                return logs
+            time.sleep(0.01)
 
     def connect(self, timeout: float = 10.0) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
 
-    def exchange(self, raw: bytes, *, method: bytes = b"GET", timeout: float = 10.0) -> Response:
+    def exchange(self, raw: bytes, *, method: bytes = b"GET", timeout: float = 10.0,
+                 check_closed: bool = False) -> Response:
         """One raw request on a fresh connection; returns the parsed response (+ whether it closed)."""
         with self.connect(timeout) as s:
             s.sendall(raw)
-            return read_response(s, method=method, check_closed=True)
+            return read_response(s, method=method, check_closed=check_closed)
 
 
 @dataclass
@@ -194,7 +210,7 @@ def read_response(sock: socket.socket, *, method: bytes = b"GET", check_closed: 
         leftover += conn.trailing_data[0]
     closed = None
     if check_closed:
-        closed = is_closed(sock)
+        closed = is_closed(sock, 1.0)
     return Response(status, headers, bytes(body), closed, chunks)
 
 
@@ -274,3 +290,30 @@ def run_botbox(args: list[str], timeout: float = 30.0) -> subprocess.CompletedPr
 
 
 __all__ = ["sys"]
+
+
+def serve_raw(proxy: RunningProxy, ctx: Any, raw: bytes, *, method: bytes = b"GET",
+              shut_write: bool = False, check_closed: bool = False) -> Response:
+    """Run ``serve_connection`` with a hand-made ConnectionContext on one end of a socketpair
+    (so listener/orig_dst/sni can be set without TLS or iptables) and read the response."""
+    from anyio.abc import SocketStream
+
+    from botbox.pipeline import serve_connection
+
+    a, b = socket.socketpair()
+    app = proxy.runtime.app
+
+    async def run() -> None:
+        stream = await SocketStream.from_socket(a)
+        await serve_connection(stream, ctx, app)
+
+    fut = proxy.portal.start_task_soon(run)
+    try:
+        b.settimeout(10)
+        b.sendall(raw)
+        if shut_write:
+            b.shutdown(socket.SHUT_WR)
+        return read_response(b, method=method, check_closed=check_closed)
+    finally:
+        b.close()
+        fut.result(timeout=10)

@@ -96,6 +96,8 @@ class TLSUpstream:
     def stop(self) -> None:
         self._stop.set()
         if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
             self._sock.close()
         with self._lock:
             for c in self._conns:
