@@ -47,12 +47,15 @@ class HeaderRewrite:
     # Pre-split template: the value is secret.join(parts) (or parts[0] for a static template).
     parts: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
     name_bytes: bytes = field(init=False, repr=False, compare=False)
+    # Length of the rendered value without the secret (to detect an empty secret).
+    static_len: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         tpl = self.template.encode("ascii")
         parts = tuple(tpl.split(PLACEHOLDER)) if self.secret_ref is not None else (tpl,)
         object.__setattr__(self, "parts", parts)
         object.__setattr__(self, "name_bytes", self.name.encode("ascii"))
+        object.__setattr__(self, "static_len", sum(len(p) for p in parts))
 
     def __repr__(self) -> str:
         # The template is deliberately not shown: a static template may itself be a credential.

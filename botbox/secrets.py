@@ -62,30 +62,35 @@ class SecretWiped(RuntimeError):
 class SecretValue:
     """A credential in a mutable buffer. ``repr``/``str``/``format`` never show it."""
 
-    __slots__ = ("__weakref__", "_buf", "_wiped")
+    __slots__ = ("__weakref__", "_buf", "_lock", "_wiped")
 
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
         self._buf = bytearray(data)
         self._wiped = False
+        # A reload (worker thread) may wipe a value while a request renders it; the lock makes
+        # rendering see either the whole value or SecretWiped, never a half-zeroed credential.
+        self._lock = threading.Lock()
 
     def reveal(self) -> bytes:
         """Return the value as (unwipeable) bytes. Raises :class:`SecretWiped` after ``wipe()``."""
-        if self._wiped:
-            raise SecretWiped("secret value has been wiped")
-        return bytes(self._buf)
+        with self._lock:
+            if self._wiped:
+                raise SecretWiped("secret value has been wiped")
+            return bytes(self._buf)
 
     def fill(self, parts: Sequence[bytes]) -> bytes:
         """``value.join(parts)`` in one allocation (template rendering without an extra copy)."""
-        if self._wiped:
-            raise SecretWiped("secret value has been wiped")
         if len(parts) == 1:
             return parts[0]
-        buf = self._buf
-        pieces: list[bytes | bytearray] = [parts[0]]
-        for p in parts[1:]:
-            pieces.append(buf)
-            pieces.append(p)
-        return b"".join(pieces)
+        with self._lock:
+            if self._wiped:
+                raise SecretWiped("secret value has been wiped")
+            buf = self._buf
+            pieces: list[bytes | bytearray] = [parts[0]]
+            for p in parts[1:]:
+                pieces.append(buf)
+                pieces.append(p)
+            return b"".join(pieces)
 
     def buffer(self) -> memoryview:
         """Read-only view of the value, for checks without copying. Do not keep it."""
@@ -95,11 +100,12 @@ class SecretValue:
 
     def wipe(self) -> None:
         """Overwrite the buffer with zeros and mark the value unusable."""
-        buf = self._buf
-        buf[:] = bytes(len(buf))  # same length: overwrites in place, no reallocation
-        self._wiped = True
-        with contextlib.suppress(BufferError):  # a view from buffer() is still alive; zeros stay
-            del buf[:]
+        with self._lock:
+            buf = self._buf
+            buf[:] = bytes(len(buf))  # same length: overwrites in place, no reallocation
+            self._wiped = True
+            with contextlib.suppress(BufferError):  # a view from buffer() is still alive; zeros stay
+                del buf[:]
 
     @property
     def wiped(self) -> bool:
