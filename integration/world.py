@@ -29,7 +29,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,8 @@ class WorldOptions:
     apply_netsetup: bool = True
     wait_healthy: bool = True  # False: wait for /livez only (a secret is missing on purpose)
     netsetup_env: dict[str, str] = field(default_factory=dict)
+    # Edits the proxy config dict before it is written (e.g. add an https_interception block).
+    config_patch: Callable[[dict[str, Any]], None] | None = None
 
 
 class WorldError(RuntimeError):
@@ -409,7 +411,10 @@ class World:
     def start_proxy(self) -> None:
         assert self.rt is not None
         cfg = self.root / "etc" / "config.yaml"
-        cfg.write_text(yaml.safe_dump(proxy_config(self.secrets_dir, self.ca_file), sort_keys=False))
+        config = proxy_config(self.secrets_dir, self.ca_file)
+        if self.opts.config_patch is not None:
+            self.opts.config_patch(config)
+        cfg.write_text(yaml.safe_dump(config, sort_keys=False))
         os.chmod(cfg, 0o644)
         self.proxy = self._popen(
             "botbox",
