@@ -350,15 +350,16 @@ async def watch_secrets(
     import anyio
 
     last_fp: list[tuple[object, ...] | None] = [store.fingerprint()]
-    last_ok: list[bool] = [store.initial_load_ok]
     lock = anyio.Lock()
 
     async def do_reload() -> None:
         async with lock:
             ok = await anyio.to_thread.run_sync(store.reload)
-            last_ok[0] = ok
             last_fp[0] = await anyio.to_thread.run_sync(store.fingerprint)
-        on_reload(ok)
+        try:
+            on_reload(ok)
+        except Exception:  # a broken callback must not stop secret rotation
+            log.exception("secrets on_reload callback failed")
 
     # awatch runs the inotify wait in a worker thread that cancellation cannot interrupt; this
     # event (checked by watchfiles every ``step`` ms) is set when the watcher is cancelled.
@@ -391,7 +392,7 @@ async def watch_secrets(
             while True:
                 await anyio.sleep(interval)
                 fp = await anyio.to_thread.run_sync(store.fingerprint)
-                if fp != last_fp[0] or not last_ok[0]:
+                if fp != last_fp[0] or store.last_error is not None:
                     await do_reload()
         finally:
             stop.set()

@@ -416,3 +416,25 @@ async def test_watcher_stops_promptly_on_cancel(sdir: Path) -> None:
     with anyio.move_on_after(0.3):
         await watch_secrets(store, lambda ok: None, 30.0)
     assert time.monotonic() - start < 5
+
+
+@pytest.mark.anyio
+async def test_watcher_survives_a_failing_callback(sdir: Path) -> None:
+    (sdir / "key").write_bytes(b"v1")
+    store = SecretStore(sdir)
+    calls: list[bool] = []
+
+    def bad_callback(ok: bool) -> None:
+        calls.append(ok)
+        raise RuntimeError("metrics backend exploded")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch_secrets, store, bad_callback, 0.2)
+        await anyio.sleep(0.3)
+        (sdir / "key").write_bytes(b"v2")
+        assert await _wait_until(lambda: store.get("key") == b"v2", 10)
+        await anyio.sleep(0.3)
+        (sdir / "key").write_bytes(b"v3-longer")
+        assert await _wait_until(lambda: store.get("key") == b"v3-longer", 10)
+        assert len(calls) >= 2
+        tg.cancel_scope.cancel()
