@@ -62,8 +62,10 @@ def make_certs(work: Path) -> Certs:
     icept = trustme.CA(organization_name="BotBox bench interception CA")
     icept.cert_pem.write_to_path(str(paths.icept_ca_cert))
     icept.private_key_pem.write_to_path(str(paths.icept_ca_key))
-    for p in (paths.ca, paths.cert, paths.key, paths.icept_ca_cert, paths.icept_ca_key):
-        p.chmod(0o644)  # squid (uid proxy) and BotBox (uid 1337) must read them; throwaway material
+    for p in (paths.ca, paths.cert, paths.icept_ca_cert):
+        p.chmod(0o644)  # squid runs as uid proxy and must read the trust anchor
+    for p in (paths.key, paths.icept_ca_key):
+        p.chmod(0o600)  # read by root-started nginx and by BotBox, which refuses group/other-readable CA keys
     return paths
 
 
