@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import ssl
+import time
 from typing import TYPE_CHECKING, Literal
 
 import anyio
@@ -100,6 +101,7 @@ class Interceptor:
         self._lookup = {r: m.https_interception_cert_cache_total.labels(result=r) for r in ("hit", "miss")}
         self._issued = m.https_interception_cert_issued_total.labels(decision="issued")
         self._denied = m.https_interception_cert_issued_total.labels(decision="denied")
+        self._ca_not_after = ca.not_after.timestamp()
         self.issuer = LeafIssuer(ca, settings.cert_ttl_seconds)
         self.cache = CertCache(
             self.issuer.issue,
@@ -126,11 +128,12 @@ class Interceptor:
         app.ca_ready = True
         return self
 
-    def refresh_readiness(self) -> bool:
-        """Re-evaluate CA readiness (the CA may expire while running); updates ``app.ca_ready``."""
-        ready = self.ca.is_valid_now()
-        self.app.ca_ready = ready
-        return ready
+    def _ca_expired(self) -> bool:
+        """The CA ran out while serving: /healthz turns 503 and handshakes are refused (fail closed)."""
+        if _now() < self._ca_not_after:
+            return False
+        self.app.ca_ready = False
+        return True
 
     # ------------------------------------------------------------------------------------------
     async def _read_client_hello(self, stream: anyio.abc.ByteStream) -> tuple[bytes, str]:
@@ -159,6 +162,8 @@ class Interceptor:
 
     async def _negotiate(self, stream: anyio.abc.ByteStream) -> tuple[TLSServerStream, str]:
         initial, host = await self._read_client_hello(stream)
+        if self._ca_expired():
+            raise _Refused("io_error", "interception CA has expired", _ALERT_INTERNAL_ERROR, host)
         if self.deny_disallowed and not self.app.policy.decide(host, 443, "GET").allowed:
             self._denied.inc()
             why = "host not allowed (deny_handshake_on_disallowed_sni)"
@@ -210,6 +215,10 @@ class Interceptor:
             return
         tls, host = got
         await serve_connection(tls, dataclasses.replace(ctx, sni=host), self.app)
+
+
+def _now() -> float:
+    return time.time()
 
 
 def _peer(stream: anyio.abc.ByteStream) -> str | None:
