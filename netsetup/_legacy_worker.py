@@ -85,7 +85,14 @@ def _build_rule(family: str, spec: dict[str, Any]) -> Any:
     if spec.get("dst"):
         r.dst = spec["dst"]
     if spec.get("out_interface"):
-        r.out_interface = spec["out_interface"]
+        name = spec["out_interface"]
+        r.out_interface = name
+        if family == "ipv6":
+            # python-iptables (<= 1.0.1) fills the IPv6 interface mask with 0x01 bytes instead of 0xff, so
+            # the kernel compares only the lowest bit of each character: "-o lo" then also matches e.g.
+            # "va0..." and the loopback RETURN/ACCEPT swallow real egress.  Set the mask iptables sets.
+            n = len(name) + 1
+            r.entry.ipv6.outiface_mask = b"\xff" * n + b"\x00" * (16 - n)
     proto = spec.get("protocol")
     if proto:
         r.protocol = "58" if proto == "icmpv6" else proto
@@ -200,6 +207,29 @@ def _remove_table(family: str, spec: dict[str, Any], messages: list[str]) -> Non
     table.refresh()
 
 
+def _inspect(family: str, tables: dict[str, str]) -> list[str]:
+    """Interface-mask problems of rules in BotBox's chains (invisible in ``iptables-save`` output)."""
+    iptc = _iptc(family)
+    problems: list[str] = []
+    for tname, chain_name in tables.items():
+        table = _table(family, tname)
+        if not table.is_chain(chain_name):
+            continue
+        for i, r in enumerate(iptc.Chain(table, chain_name).rules):
+            ent = r.entry.ip if family == "ipv4" else r.entry.ipv6
+            for attr in ("outiface", "iniface"):
+                name = bytes(getattr(ent, attr)).split(b"\0", 1)[0]
+                mask = bytes(getattr(ent, attr + "_mask"))
+                if not name:
+                    continue
+                wildcard = not mask[len(name):len(name) + 1].startswith(b"\xff")
+                want_len = len(name) if wildcard else len(name) + 1
+                if mask[:want_len] != b"\xff" * want_len or mask[want_len:].strip(b"\0"):
+                    problems.append(f"{tname} {chain_name} rule {i + 1}: {attr} {name.decode()!r} has mask "
+                                    f"{mask.hex()} (kernel would match other interfaces)")
+    return problems
+
+
 def handle(req: dict[str, Any]) -> dict[str, Any]:
     family = req["family"]
     if family not in ("ipv4", "ipv6"):
@@ -210,6 +240,8 @@ def handle(req: dict[str, Any]) -> dict[str, Any]:
         for name in ("nat", "filter"):
             _table(family, name)
         return {"ok": True, "messages": messages}
+    if op == "inspect":
+        return {"ok": True, "messages": messages, "problems": _inspect(family, req["tables"])}
     with xtables_lock(int(req.get("wait", 5))):
         if op == "apply":
             # Open every table first, so an unavailable one fails before anything is changed.

@@ -168,4 +168,11 @@ class LegacyBackend:
             actual = [r for r in rules if _rule_chain(r) == tl.chain]
             checks.extend(compare_rules(list(tl.rule_lines), actual, table=tl.table, family=fp.family,
                                         chain=tl.chain))
+        # iptables-save prints an interface name but not its mask: check the binary rules too.
+        present = {tl.table: tl.chain for tl in iptables_lines(fp)
+                   if tl.chain in parsed.get(tl.table, ([], []))[0]}
+        if present:
+            res = self._worker({"op": "inspect", "family": fp.family, "tables": present})
+            for problem in res.get("problems", []):
+                checks.append(Check(problem.split()[0], fp.family, problem.split()[1], problem, "wrong"))
         return checks

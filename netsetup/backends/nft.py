@@ -68,7 +68,7 @@ class NftBackend:
         from netsetup.settings import Settings as _S
 
         fams = tuple(f for f in ("ipv4", "ipv6") if f in families)
-        plan = build_plan(_S(), fams)  # type: ignore[arg-type]
+        plan = build_plan(_S(), fams)
         p = self._run(["-c", "-j", "-f", "-"], json.dumps(nft_apply_commands(plan)))
         if p.returncode != 0:
             raise BackendUnavailable(f"nft cannot install the BotBox table for {'+'.join(fams)}: "
