@@ -62,6 +62,11 @@ _READ_SIZE = 65536
 _FRAMING = (b"content-length", b"transfer-encoding")
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
+# An incomplete head that can never become valid: a bare LF / bare CR (a CR may still be followed by
+# its LF in the next read, so only a CR followed by something else counts), or a first byte that
+# cannot start a method token (TLS ClientHello 0x16, binary junk). Rejected at once instead of
+# waiting for the header timeout.
+_EARLY_BAD = re.compile(rb"(?<!\r)\n|\r(?=[^\n])|\A[^!#$%&'*+.^_`|~0-9A-Za-z\r\n]")
 
 MSG_CONNECT = b"CONNECT method not allowed"
 MSG_NO_HOST = b"missing host"
@@ -294,24 +299,32 @@ class _Conn:
         Raises ``_Reject`` (oversized head) and ``TimeoutError`` (header timeout).
         """
         app = self.app
+        header_timeout = app.header_timeout
         if not self.buf:
-            if not self.first:
-                # Idle keep-alive connection: wait for the next request without the header deadline.
-                if self.state is not None:
-                    self.state.idle = True
-                if app.draining:
-                    return None
+            # Nothing buffered: the connection is idle (drain may close it) until a first byte arrives.
+            if self.state is not None:
+                self.state.idle = True
+            if app.draining:
+                return None
+            if self.first:
+                # First request: the header deadline runs from accept, including the first byte.
+                t0 = time.monotonic()
+                with anyio.fail_after(header_timeout):
+                    data = await self._receive()
+                header_timeout = max(0.0, header_timeout - (time.monotonic() - t0))
+            else:
+                # Keep-alive: wait for the next request up to the idle timeout, then close quietly.
                 with anyio.move_on_after(app.idle_timeout) as idle:
                     data = await self._receive()
-                if idle.cancelled_caught or not data:
+                if idle.cancelled_caught:
                     return None
-                self.buf = data
-            if self.state is not None:
-                self.state.idle = False
-        elif self.state is not None:
+            if not data:
+                return None
+            self.buf = data
+        if self.state is not None:
             self.state.idle = False
         self.first = False
-        with anyio.fail_after(app.header_timeout):
+        with anyio.fail_after(header_timeout):
             start = 0
             while True:
                 idx = self.buf.find(b"\r\n\r\n", start)
@@ -319,7 +332,7 @@ class _Conn:
                     if idx > MAX_HEAD_BYTES:
                         raise _Reject(400, MSG_BAD_REQUEST, "bad_request")
                     return self.buf[:idx]
-                if len(self.buf) > MAX_HEAD_BYTES:
+                if len(self.buf) > MAX_HEAD_BYTES or _EARLY_BAD.search(self.buf) is not None:
                     raise _Reject(400, MSG_BAD_REQUEST, "bad_request")
                 start = max(0, len(self.buf) - 3)
                 data = await self._receive()
@@ -627,6 +640,7 @@ async def _forward(conn: _Conn, req: _Request) -> bool:
         _drain_empty_body(h)  # consume the client's EndOfMessage so keep-alive can continue
     upstream_status: int | None = None
     problem: str | None = None
+    verdict = "allow"
     response: httpcore.Response | None = None
     keep = False
     try:
@@ -646,8 +660,10 @@ async def _forward(conn: _Conn, req: _Request) -> bool:
         keep = await _relay_response(conn, req, response)
     except _ClientGone as exc:
         problem = f"client: {exc}"
-        if exc.malformed and upstream_status is None:
-            await conn.send_generated(_bad(), head_only=req.head_only)
+        if exc.malformed:
+            verdict = "bad_request"  # counted and logged like a malformed head (CONTRACT §5)
+            if upstream_status is None:
+                await conn.send_generated(_bad(), head_only=req.head_only)
     except _TIMEOUT_ERRORS:
         problem = "upstream timeout"
         metrics.upstream_error(mhost, "timeout")
@@ -667,7 +683,7 @@ async def _forward(conn: _Conn, req: _Request) -> bool:
             with anyio.CancelScope(shield=True), anyio.move_on_after(1.0), contextlib.suppress(Exception):
                 await response.aclose()
         duration = time.perf_counter() - req.t0
-        metrics.request(mhost, "allow", duration)
+        metrics.request(mhost if verdict == "allow" else "_denied", verdict, duration)
         app.logger.request(
             request_id=req.request_id,
             client=conn.peer,
@@ -675,7 +691,7 @@ async def _forward(conn: _Conn, req: _Request) -> bool:
             host=decision.host,
             method=req.method,
             path=req.path,
-            decision="allow",
+            decision=verdict,
             rule=decision.rule,
             headers_rewritten=req.rewritten,
             upstream_status=upstream_status,
