@@ -127,7 +127,7 @@ def test_port_in_use_is_a_startup_error(base_config: dict[str, Any]) -> None:
 
         import anyio
 
-        with pytest.raises(StartupError, match="cannot listen on 127.0.0.1"):
+        with pytest.raises(StartupError, match=r"cannot listen on 127\.0\.0\.1"):
             anyio.run(build)
 
 
