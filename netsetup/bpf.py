@@ -142,11 +142,66 @@ def prog_name(prog_id: int) -> str:
 def attached_programs(cgroup_dir: Path | None = None) -> list[AttachedProgram]:
     """Programs on the watched hooks effective for ``cgroup_dir`` (default: our own cgroup).
 
+    When no cgroup v2 hierarchy is mounted in our mount namespace (``ip netns exec`` remounts ``/sys``),
+    a forked child mounts one privately (its own mount namespace, gone when it exits) to query.
     Raises :class:`BpfQueryError` when the query itself is impossible (no cgroup v2, no permission).
     """
     cg = cgroup_dir or current_cgroup_dir()
     if cg is None:
-        raise BpfQueryError(errno.ENOENT, "no cgroup v2 hierarchy found")
+        return _query_in_private_mount()
+    return _query(cg)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _query_in_private_mount() -> list[AttachedProgram]:
+    import json
+    import select
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="botbox-cg2-")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: private mount namespace, mount cgroup2, query, report as JSON
+        try:
+            os.close(r)
+            libc = ctypes.CDLL(None, use_errno=True)
+            _check(libc.unshare(0x00020000), "unshare(CLONE_NEWNS)")
+            _check(libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None), "mount --make-rprivate /")
+            _check(libc.mount(b"cgroup2", tmp.encode(), b"cgroup2", 0, None), "mount -t cgroup2")
+            rel = next(line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                       if line.startswith("0::"))
+            progs = _query(Path(tmp) / rel.lstrip("/"))
+            payload = json.dumps({"ok": [[p.attach_type, p.prog_id, p.name] for p in progs]})
+        except BaseException as e:
+            payload = json.dumps({"err": [getattr(e, "errno", None) or errno.EIO, str(e)]})
+        try:
+            os.write(w, payload.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], 30)
+        data = os.read(r, 1 << 20) if ready else b""
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not data:
+        raise BpfQueryError(errno.EIO, "cgroup BPF query child failed")
+    res = json.loads(data)
+    if "err" in res:
+        raise BpfQueryError(res["err"][0], f"no cgroup v2 hierarchy mounted and mounting one failed: "
+                                           f"{res['err'][1]}")
+    return [AttachedProgram(a, int(i), n) for a, i, n in res["ok"]]
+
+
+def _query(cg: Path) -> list[AttachedProgram]:
     out: list[AttachedProgram] = []
     for name, at in WATCHED_ATTACH_TYPES.items():
         try:
