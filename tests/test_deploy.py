@@ -163,7 +163,8 @@ def test_only_the_init_container_has_net_admin() -> None:
         assert caps.get("drop") == ["ALL"], c["name"]
         assert not c.get("securityContext", {}).get("privileged", False), c["name"]
         if c["name"] == INIT:
-            assert added == {"NET_ADMIN", "NET_RAW"}
+            # netfilter, plus SETUID/SETGID for the live probe's uid switches (N6); never SYS_ADMIN & co.
+            assert added == {"NET_ADMIN", "NET_RAW", "SETUID", "SETGID"}
         else:
             assert not added, f"{c['name']} must not add capabilities: {added}"
     assert not _pod_spec().get("hostNetwork", False)
