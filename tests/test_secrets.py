@@ -366,8 +366,9 @@ async def test_watcher_picks_up_kubernetes_swap(sdir: Path) -> None:
         tg.start_soon(watch_secrets, store, results.append, 30.0)  # periodic check out of the picture
         await anyio.sleep(0.3)  # let inotify watches be installed
         k8s_publish(sdir, "2025_01_01_00_00_01.2", {"key": b"v2\n"})
-        assert await _wait_until(lambda: store.get("key") == b"v2", 10)
-        assert results and results[-1] is True
+        # the value is swapped in (worker thread) just before the callback runs: wait for both
+        assert await _wait_until(lambda: store.get("key") == b"v2" and results, 10)
+        assert results[-1] is True
         tg.cancel_scope.cancel()
 
 
@@ -385,8 +386,9 @@ async def test_watcher_periodic_safety_net(sdir: Path, monkeypatch: pytest.Monke
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch_secrets, store, results.append, 0.2)
         await anyio.sleep(0.05)
-        (sdir / "key").write_bytes(b"v2-longer")
-        assert await _wait_until(lambda: store.get("key") == b"v2-longer", 10)
+        (sdir / ".tmp-key").write_bytes(b"v2-longer")
+        os.rename(sdir / ".tmp-key", sdir / "key")  # atomic: the check sees one change, not two
+        assert await _wait_until(lambda: store.get("key") == b"v2-longer" and results, 10)
         assert results == [True]  # one reload for one change: no churn when nothing changed
         await anyio.sleep(0.6)
         assert results == [True]
@@ -404,7 +406,7 @@ async def test_watcher_retries_failed_reload_and_handles_late_dir(tmp_path: Path
         await anyio.sleep(0.1)
         d.mkdir()
         (d / "key").write_bytes(b"v")
-        assert await _wait_until(lambda: store.get("key") == b"v", 10)
+        assert await _wait_until(lambda: store.get("key") == b"v" and results, 10)
         assert results[-1] is True
         tg.cancel_scope.cancel()
 
@@ -435,6 +437,5 @@ async def test_watcher_survives_a_failing_callback(sdir: Path) -> None:
         assert await _wait_until(lambda: store.get("key") == b"v2", 10)
         await anyio.sleep(0.3)
         (sdir / "key").write_bytes(b"v3-longer")
-        assert await _wait_until(lambda: store.get("key") == b"v3-longer", 10)
-        assert len(calls) >= 2
+        assert await _wait_until(lambda: store.get("key") == b"v3-longer" and len(calls) >= 2, 10)
         tg.cancel_scope.cancel()
