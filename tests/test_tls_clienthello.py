@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import ssl
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from botbox.tls.clienthello import (
     MAX_CLIENT_HELLO,
     ClientHello,
+    ClientHelloBuffer,
     ClientHelloError,
     NotTLSError,
     parse_client_hello,
@@ -167,3 +169,30 @@ def test_mutated_real_hello_never_crashes(pos: int, value: int) -> None:
     except ClientHelloError:
         return
     assert got is None or isinstance(got, ClientHello)
+
+
+def test_incremental_buffer_byte_by_byte_matches_one_shot() -> None:
+    data = _records(real_client_hello("trickle.example", ["http/1.1"])[5:], 3)  # many tiny records
+    buf = ClientHelloBuffer()
+    results = [buf.feed(data[i : i + 1]) for i in range(len(data))]
+    assert all(r is None for r in results[:-1])
+    assert results[-1] == parse_client_hello(data)
+    assert bytes(buf.raw) == data
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=len(_REAL)), max_size=8))
+def test_incremental_buffer_any_split(cuts: list[int]) -> None:
+    points = sorted({0, len(_REAL), *cuts})
+    buf = ClientHelloBuffer()
+    got = None
+    for a, b in itertools.pairwise(points):
+        got = buf.feed(_REAL[a:b])
+    assert got == parse_client_hello(_REAL)
+
+
+def test_incremental_buffer_refuses_oversize_trickle() -> None:
+    buf = ClientHelloBuffer()
+    head = b"\x16\x03\x01\x40\x00\x01\xff\xff\xff"  # announces a 16 MiB ClientHello
+    with pytest.raises(ClientHelloError, match="too large"):
+        buf.feed(head)

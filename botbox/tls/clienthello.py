@@ -18,6 +18,7 @@ from dataclasses import dataclass
 __all__ = [
     "MAX_CLIENT_HELLO",
     "ClientHello",
+    "ClientHelloBuffer",
     "ClientHelloError",
     "NotTLSError",
     "parse_client_hello",
@@ -85,49 +86,67 @@ class _Reader:
         return sub
 
 
-def _reassemble(data: bytes) -> tuple[bytes, int] | None:
-    """Concatenate handshake-record payloads until one full handshake message is present.
+class ClientHelloBuffer:
+    """Incremental reassembly: each :meth:`feed` costs O(len(new bytes)), never a re-parse of the buffer.
 
-    Returns ``(message, consumed)`` or ``None`` when more bytes are needed.
+    A client trickling its ClientHello one byte per TCP segment must not make the proxy do quadratic
+    work within the handshake timeout.
     """
-    if not data:
-        return None
-    if data[0] != _CONTENT_HANDSHAKE:
-        raise NotTLSError("not a TLS handshake record")
-    payload = bytearray()
-    pos = 0
-    need: int | None = None
-    while True:
-        if need is not None and len(payload) >= need:
-            if len(payload) > need:
-                # A second handshake message in the same flight before ServerHello is a protocol error.
-                raise ClientHelloError("unexpected data after ClientHello")
-            return bytes(payload), pos
-        if len(data) - pos < 5:
-            if len(data) > MAX_CLIENT_HELLO:
-                raise ClientHelloError("ClientHello too large")
+
+    __slots__ = ("_need", "_payload", "_pos", "raw")
+
+    def __init__(self) -> None:
+        self.raw = bytearray()  # every byte received so far (handed to OpenSSL afterwards)
+        self._payload = bytearray()  # handshake-layer bytes reassembled from complete records
+        self._pos = 0  # offset in ``raw`` of the next record header
+        self._need: int | None = None  # total handshake message length once known
+
+    @staticmethod
+    def _check_header(payload: bytes | bytearray) -> int | None:
+        """Total ClientHello length from the handshake header, once 4 bytes of it are known."""
+        if len(payload) < 4:
             return None
-        ctype = data[pos]
-        major = data[pos + 1]
-        length = int.from_bytes(data[pos + 3 : pos + 5], "big")
-        if ctype != _CONTENT_HANDSHAKE:
-            raise ClientHelloError("non-handshake record before ClientHello completed")
-        if major != 3:
-            raise ClientHelloError("unsupported record version")
-        if length == 0 or length > _MAX_RECORD:
-            raise ClientHelloError("invalid record length")
-        if pos + 5 + length > MAX_CLIENT_HELLO:
+        if payload[0] != _HANDSHAKE_CLIENT_HELLO:
+            raise ClientHelloError("first handshake message is not a ClientHello")
+        need = 4 + int.from_bytes(payload[1:4], "big")
+        if need > MAX_CLIENT_HELLO:
             raise ClientHelloError("ClientHello too large")
-        if len(data) - pos - 5 < length:
-            return None
-        payload += data[pos + 5 : pos + 5 + length]
-        pos += 5 + length
-        if need is None and len(payload) >= 4:
-            if payload[0] != _HANDSHAKE_CLIENT_HELLO:
-                raise ClientHelloError("first handshake message is not a ClientHello")
-            need = 4 + int.from_bytes(payload[1:4], "big")
-            if need > MAX_CLIENT_HELLO:
+        return need
+
+    def feed(self, data: bytes) -> ClientHello | None:
+        """Add bytes; return the parsed ClientHello once complete, else None.  Raises ClientHelloError."""
+        if not self.raw and data and data[0] != _CONTENT_HANDSHAKE:
+            raise NotTLSError("not a TLS handshake record")
+        self.raw += data
+        raw = self.raw
+        while len(raw) - self._pos >= 5:
+            pos = self._pos
+            if raw[pos] != _CONTENT_HANDSHAKE:
+                raise ClientHelloError("non-handshake record before ClientHello completed")
+            if raw[pos + 1] != 3:
+                raise ClientHelloError("unsupported record version")
+            length = int.from_bytes(raw[pos + 3 : pos + 5], "big")
+            if length == 0 or length > _MAX_RECORD:
+                raise ClientHelloError("invalid record length")
+            if pos + 5 + length > MAX_CLIENT_HELLO:
                 raise ClientHelloError("ClientHello too large")
+            if len(raw) - pos - 5 < length:
+                if self._need is None:  # refuse a bogus/oversize ClientHello before buffering it all
+                    self._check_header(self._payload[:4] + raw[pos + 5 : pos + 9])
+                break
+            self._payload += raw[pos + 5 : pos + 5 + length]
+            self._pos = pos + 5 + length
+            payload = self._payload
+            if self._need is None:
+                self._need = self._check_header(payload)
+            if self._need is not None and len(payload) >= self._need:
+                if len(payload) > self._need:
+                    # A second handshake message in the same flight before ServerHello is a protocol error.
+                    raise ClientHelloError("unexpected data after ClientHello")
+                return _parse_body(bytes(payload), self._pos)
+        if len(raw) > MAX_CLIENT_HELLO:
+            raise ClientHelloError("ClientHello too large")
+        return None
 
 
 def _parse_server_name(ext: _Reader) -> str:
@@ -216,7 +235,4 @@ def parse_client_hello(data: bytes) -> ClientHello | None:
     :class:`ClientHelloError` for every other malformation (including duplicate extensions,
     several host names, oversize messages and non-ASCII names).
     """
-    got = _reassemble(data)
-    if got is None:
-        return None
-    return _parse_body(*got)
+    return ClientHelloBuffer().feed(data)

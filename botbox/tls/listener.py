@@ -34,7 +34,7 @@ from botbox.hostname import InvalidHost, canonicalize_host
 from botbox.pipeline import ConnectionContext, serve_connection
 from botbox.tls.ca import CAError, CertificateAuthority, load_ca
 from botbox.tls.cache import CertCache, IssuanceError
-from botbox.tls.clienthello import MAX_CLIENT_HELLO, ClientHelloError, NotTLSError, parse_client_hello
+from botbox.tls.clienthello import MAX_CLIENT_HELLO, ClientHelloBuffer, ClientHelloError, NotTLSError
 from botbox.tls.issuer import LeafIssuer
 from botbox.tls.stream import TLSHandshakeError, TLSServerStream
 
@@ -137,28 +137,25 @@ class Interceptor:
 
     # ------------------------------------------------------------------------------------------
     async def _read_client_hello(self, stream: anyio.abc.ByteStream) -> tuple[bytes, str]:
-        buf = b""
+        buf = ClientHelloBuffer()
         while True:
             try:
                 chunk = await stream.receive(MAX_CLIENT_HELLO)
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 raise _Refused("io_error", "connection closed before ClientHello", None) from None
-            buf += chunk
             try:
-                hello = parse_client_hello(buf)
+                hello = buf.feed(chunk)
             except NotTLSError:
                 raise _Refused("io_error", "not TLS", None) from None
             except ClientHelloError as exc:
                 raise _Refused("io_error", f"malformed ClientHello: {exc}", _ALERT_DECODE_ERROR) from None
             if hello is None:
-                if len(buf) > MAX_CLIENT_HELLO:  # pragma: no cover - the parser refuses first
-                    raise _Refused("io_error", "ClientHello too large", _ALERT_DECODE_ERROR)
                 continue
             host = sni_host(hello.server_name)
             if host is None:
                 why = "missing SNI" if hello.server_name is None else "invalid or IP-literal SNI"
                 raise _Refused("denied", why, _ALERT_UNRECOGNIZED_NAME)
-            return buf, host
+            return bytes(buf.raw), host
 
     async def _negotiate(self, stream: anyio.abc.ByteStream) -> tuple[TLSServerStream, str]:
         initial, host = await self._read_client_hello(stream)
