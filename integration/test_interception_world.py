@@ -8,6 +8,7 @@ from the fake upstream's hit log (SNI, Host, credential fingerprints) and from b
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -168,3 +169,38 @@ def test_healthz_ready_and_no_secret_or_key_in_logs(world: World) -> None:
     key_pem = (world.root / "pki" / "botbox-ca" / "tls.key").read_text()
     assert "".join(key_pem.splitlines()[1:-1])[:24] not in log
     assert "https interception enabled" in log
+
+
+def test_streaming_through_interception_sse_and_large_bodies(world: World) -> None:
+    n, interval_ms, size = 4, 300, 8 * 1024 * 1024
+    code = f"""
+import hashlib, json, ssl, time, httpx
+ctx = ssl.create_default_context(cafile={ca_cert(world)!r})
+out = {{}}
+with httpx.Client(verify=ctx, trust_env=False, timeout=30) as c:
+    events = []
+    with c.stream("GET", "https://{OPENAI}/sse?n={n}&interval_ms={interval_ms}") as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append({{"recv": time.time(), "data": json.loads(line[6:])}})
+    out["events"] = events
+    h = hashlib.sha256()
+    with c.stream("GET", "https://{OPENAI}/download?bytes={size}") as r:
+        for chunk in r.iter_bytes():
+            h.update(chunk)
+        out["download"] = [h.hexdigest(), r.headers.get("x-body-sha256")]
+    from integration.upstream import pattern_chunks
+    r = c.post("https://{OPENAI}/upload", content=pattern_chunks({size}))
+    out["upload"] = r.json()
+print(json.dumps(out))
+"""
+    res = _python_as_app(world, code)
+    events = res["events"]
+    assert [e["data"]["i"] for e in events] == list(range(n))
+    for cur, nxt in itertools.pairwise(events):  # each event arrived before the next was sent
+        assert cur["recv"] < nxt["data"]["sent"], (cur, nxt)
+    digest, expected = res["download"]
+    assert digest == expected
+    from integration.upstream import pattern_digest
+
+    assert res["upload"]["sha256"] == pattern_digest(size) and res["upload"]["bytes"] == size
