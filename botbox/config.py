@@ -328,13 +328,21 @@ class ConfigError(Exception):
         super().__init__(f"invalid configuration{where}:\n" + "\n".join(f"  {e}" for e in self.errors))
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}", re.ASCII)
+
+
 def _loc_to_path(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif _PLAIN_KEY.fullmatch(part):
+            out += f".{part}" if out else part
         else:
-            out += f".{part}" if out else str(part)
+            # Unknown keys come from the file: quote them so control characters or dots cannot
+            # forge another path or break the one-line-per-error output.
+            shown = part if len(part) <= 60 else part[:60] + "…"
+            out += f"[{shown!r}]"
     return out or "<top level>"
 
 

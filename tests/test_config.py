@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from botbox.config import (
@@ -168,6 +170,13 @@ def test_unknown_keys_are_errors(data: dict[str, Any], path: str) -> None:
 )
 def test_strict_types(data: dict[str, Any], path: str) -> None:
     _one_error(data, path)
+
+
+def test_odd_unknown_keys_are_quoted_in_one_line() -> None:
+    errs = _errors({"evil\nlisten_port": 1, "egress_policy": {"a.b": 1}})
+    assert all("\n" not in e for e in errs)
+    assert "['evil\\nlisten_port']: Extra inputs are not permitted" in errs
+    assert "egress_policy['a.b']: Extra inputs are not permitted" in errs
 
 
 def test_error_paths_are_dotted_and_indexed() -> None:
@@ -513,3 +522,53 @@ def test_startup_warning_for_default_allow() -> None:
     cfg = parse_config({"egress_policy": {"default_action": "allow"}})
     w = startup_warnings(cfg)
     assert len(w) == 1 and "default_action" in w[0]
+
+
+# ---- property: arbitrary input only ever yields a Config or a ConfigError ---------------------
+
+_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20)
+_json = st.recursive(
+    _scalars,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+_KEYS = ["listen_addr", "listen_port", "metrics_addr", "metrics_port", "secrets_dir", "max_connections",
+         "allow_non_loopback", "upstream_ca_file", "connect_timeout_seconds", "workers", "egress_policy",
+         "https_interception"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_arbitrary_input_yields_config_or_config_error(data: st.DataObject) -> None:
+    if data.draw(st.booleans()):
+        doc: object = data.draw(_json)
+    else:  # mutate the contract example: one field (or one rule field) replaced by random data
+        doc = {
+            "egress_policy": {"rules": [{"host": "api.openai.com", "action": "allow",
+                                         "header_rewrites": [dict(AUTH_RW)]}]},
+        }
+        assert isinstance(doc, dict)
+        if data.draw(st.booleans()):
+            doc[data.draw(st.sampled_from(_KEYS))] = data.draw(_json)
+        else:
+            rule = doc["egress_policy"]["rules"][0]
+            rule[data.draw(st.sampled_from(["host", "action", "allowed_ports", "header_rewrites"]))] = (
+                data.draw(_json)
+            )
+    try:
+        cfg = parse_config(doc)
+    except ConfigError as e:
+        assert e.errors
+        for line in e.errors:
+            _path, sep, why = line.partition(": ")
+            assert sep and why and "\n" not in line and "\r" not in line, line
+        return
+    assert isinstance(cfg, Config)
+    for r in cfg.egress_policy.rules:
+        assert r.ports and all(1 <= p <= 65535 for p in r.ports)
+    describe_effective_policy(cfg)
+
+
+AUTH_RW = {"name": "Authorization", "value": "Bearer {value}", "secret_ref": "openai-api-key"}
