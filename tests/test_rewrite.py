@@ -241,3 +241,10 @@ def test_rewrite_invariants(client: list[tuple[bytes, bytes]], trace: bool) -> N
     # content-length values are carried unchanged
     assert [v for n, v in out if n.lower() == b"content-length"] == [
         v for n, v in client if n.lower() == b"content-length"]
+
+
+def test_forwarded_headers_are_left_alone_and_none_added() -> None:
+    client = [(b"forwarded", b"for=10.0.0.1"), (b"x-forwarded-for", b"10.0.0.1")]
+    out, _ = upstream_request_headers(client, _decision(), Lookup())
+    assert out[1:] == client  # documented choice: the app's own headers pass unchanged
+    assert not any(n.lower() in (b"via", b"x-forwarded-host") for n, _ in out)  # nothing about the pod
