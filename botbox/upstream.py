@@ -14,14 +14,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import ssl
-from collections.abc import AsyncIterable, Sequence
+from collections.abc import AsyncIterable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
+import anyio
 import certifi
 import httpcore
 
-__all__ = ["UpstreamPool", "build_ssl_context"]
+__all__ = ["AsyncioBackend", "UpstreamPool", "build_ssl_context"]
 
 
 def build_ssl_context(upstream_ca_file: str | Path | None) -> ssl.SSLContext:
@@ -41,6 +45,196 @@ def build_ssl_context(upstream_ca_file: str | Path | None) -> ssl.SSLContext:
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+def _fire_timeout(fut: asyncio.Future[None], exc: type[Exception]) -> None:
+    if not fut.done():
+        fut.set_exception(exc())
+
+
+class _Protocol(asyncio.Protocol):
+    """Buffers received bytes and wakes one reader; tracks write flow control and connection loss."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.eof = False
+        self.lost: Exception | None = None
+        self.reader: asyncio.Future[None] | None = None
+        self.paused = False
+        self.drainer: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake_reader()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self.lost = exc
+        self._wake_reader()
+        self.paused = False
+        if self.drainer is not None and not self.drainer.done():
+            self.drainer.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.drainer is not None and not self.drainer.done():
+            self.drainer.set_result(None)
+
+    def _wake_reader(self) -> None:
+        if self.reader is not None and not self.reader.done():
+            self.reader.set_result(None)
+
+
+class _AsyncioStream(httpcore.AsyncNetworkStream):
+    """httpcore stream over a native asyncio transport: with uvloop, TLS runs in C (no Python
+    MemoryBIO pump per read/write), and the idle-connection liveness check is a flag test instead of
+    a poll() syscall per pooled connection per request."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: _Protocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        proto = self._protocol
+        if not proto.buf and not proto.eof:
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
+            proto.reader = fut
+            handle = loop.call_later(timeout, _fire_timeout, fut, httpcore.ReadTimeout) if timeout else None
+            try:
+                await fut
+            finally:
+                proto.reader = None
+                if handle is not None:
+                    handle.cancel()
+        if proto.buf:
+            if len(proto.buf) <= max_bytes:
+                data = bytes(proto.buf)
+                proto.buf.clear()
+            else:
+                data = bytes(proto.buf[:max_bytes])
+                del proto.buf[:max_bytes]
+            return data
+        if proto.lost is not None:
+            raise httpcore.ReadError(str(proto.lost) or type(proto.lost).__name__)
+        return b""
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        if not buffer:
+            return
+        transport = self._transport
+        if transport.is_closing():
+            raise httpcore.WriteError("connection closed")
+        transport.write(buffer)
+        proto = self._protocol
+        if proto.paused:
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
+            proto.drainer = fut
+            handle = loop.call_later(timeout, _fire_timeout, fut, httpcore.WriteTimeout) if timeout else None
+            try:
+                await fut
+            finally:
+                proto.drainer = None
+                if handle is not None:
+                    handle.cancel()
+            if proto.lost is not None:
+                raise httpcore.WriteError(str(proto.lost) or type(proto.lost).__name__)
+
+    async def aclose(self) -> None:
+        self._transport.close()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+    ) -> httpcore.AsyncNetworkStream:
+        loop = asyncio.get_running_loop()
+        try:
+            with anyio.fail_after(timeout):
+                tls_transport = await loop.start_tls(
+                    self._transport, self._protocol, ssl_context,
+                    server_side=False, server_hostname=server_hostname,
+                )
+        except TimeoutError as exc:
+            self._transport.abort()
+            raise httpcore.ConnectTimeout("TLS handshake timed out") from exc
+        except (OSError, ssl.SSLError, ConnectionError, RuntimeError) as exc:
+            self._transport.abort()
+            raise httpcore.ConnectError(f"TLS handshake failed: {type(exc).__name__}: {exc}") from exc
+        if tls_transport is None:  # pragma: no cover - only for a closed transport
+            raise httpcore.ConnectError("TLS handshake failed: transport closed")
+        return _AsyncioStream(tls_transport, self._protocol)
+
+    def get_extra_info(self, info: str) -> Any:
+        t = self._transport
+        if info == "is_readable":
+            # An idle pooled connection with pending bytes or EOF is unusable (server closed it).
+            return bool(self._protocol.buf) or self._protocol.eof or t.is_closing()
+        if info == "ssl_object":
+            return t.get_extra_info("ssl_object")
+        if info == "client_addr":
+            return t.get_extra_info("sockname")
+        if info == "server_addr":
+            return t.get_extra_info("peername")
+        if info == "socket":
+            return t.get_extra_info("socket")
+        return None
+
+
+class AsyncioBackend(httpcore.AsyncNetworkBackend):
+    """httpcore network backend on native asyncio transports (requires the asyncio/uvloop loop)."""
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        loop = asyncio.get_running_loop()
+        protocol = _Protocol()
+        try:
+            with anyio.fail_after(timeout):
+                transport, _ = await loop.create_connection(
+                    lambda: protocol, host, port,
+                    local_addr=(local_address, 0) if local_address else None,
+                )
+        except TimeoutError as exc:
+            raise httpcore.ConnectTimeout(f"connect to {host}:{port} timed out") from exc
+        except OSError as exc:
+            raise httpcore.ConnectError(f"connect to {host}:{port} failed: {exc.strerror or exc}") from exc
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for option in socket_options or ():
+                sock.setsockopt(*option)
+        return _AsyncioStream(transport, protocol)
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:  # pragma: no cover - never used: upstreams are TCP+TLS only
+        raise httpcore.ConnectError("unix sockets are not supported")
+
+    async def sleep(self, seconds: float) -> None:
+        await anyio.sleep(seconds)
 
 
 class UpstreamPool:
@@ -70,7 +264,7 @@ class UpstreamPool:
             http1=True,
             http2=False,
             retries=0,
-            network_backend=httpcore.AnyIOBackend(),
+            network_backend=AsyncioBackend(),
         )
 
     async def send(
