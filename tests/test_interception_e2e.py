@@ -448,3 +448,26 @@ def test_startup_fails_closed_on_bad_ca(tmp_path: Path) -> None:
 
 async def _build(rt: Runtime) -> None:
     rt.build()
+
+
+def test_server_close_sends_close_notify(world: World) -> None:
+    """After `Connection: close` the client reads a clean TLS EOF, not a truncation (ragged EOF)."""
+
+    def go() -> bytes:
+        ctx = world.client_ctx()
+        ctx.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)  # Python hides ragged EOFs by default
+        with socket.create_connection(("127.0.0.1", TLS_PORT), timeout=10) as s, \
+                ctx.wrap_socket(s, server_hostname="localhost", suppress_ragged_eofs=False) as tls:
+            tls.sendall(b"GET /bye HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := tls.recv(65536):  # raises SSLEOFError if the proxy skipped close_notify
+                data += chunk
+            return data
+
+    assert world.call(go).startswith(b"HTTP/1.1 200")
+
+
+def test_metrics_never_contain_the_secret(world: World) -> None:
+    text = world.runtimes["open"].metrics.render().decode()
+    assert "botbox_tls_handshakes_total" in text
+    assert SECRET not in text
