@@ -130,6 +130,9 @@ def test_slow_issuance_times_out_but_still_lands_in_cache(ca_files: tuple[Path, 
         ("a b", None),
         ("", None),
         ("evil.com:443", None),
+        ("*.example.com", None),  # never a wildcard certificate
+        ("a_b.example", None),
+        ("0x7f.0.0.1", None),
     ],
 )
 def test_sni_host(raw: str | None, expected: str | None) -> None:
