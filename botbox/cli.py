@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="start the proxy")
     run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    run.add_argument("--worker-ready-fd", type=int, default=None, help=argparse.SUPPRESS)  # internal
     check = sub.add_parser("check-config", help="validate the config and print the effective policy")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file")
     try:  # optional: CA management lives with the interception code (``botbox ca ...``)
@@ -65,7 +66,7 @@ def cmd_check_config(path: str) -> int:
     return EXIT_OK
 
 
-def cmd_run(path: str) -> int:
+def cmd_run(path: str, worker_ready_fd: int | None = None) -> int:
     from botbox.config import ConfigError
 
     try:
@@ -80,13 +81,16 @@ def cmd_run(path: str) -> int:
 
     logger = JsonLogger()
     install_stdlib_bridge(logger)
-    if cfg.workers > 1:
+    if cfg.workers > 1 and worker_ready_fd is None:
         from botbox.server import run_workers
 
         return run_workers(cfg, path, logger)
 
+    if worker_ready_fd is not None:
+        _die_with_parent()
+
     async def main() -> None:
-        await run_until_signal(Runtime(cfg, logger=logger))
+        await run_until_signal(Runtime(cfg, logger=logger, worker_ready_fd=worker_ready_fd))
 
     backend_options: dict[str, object] = {}
     try:
@@ -106,10 +110,25 @@ def cmd_run(path: str) -> int:
     return EXIT_OK
 
 
+def _die_with_parent() -> None:
+    """A worker gets SIGTERM (and drains) if its supervisor dies, instead of lingering orphaned."""
+    import ctypes
+    import os
+    import signal
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the supervisor already died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
-        return cmd_run(args.config)
+        return cmd_run(args.config, args.worker_ready_fd)
     if args.command == "check-config":
         return cmd_check_config(args.config)
     handler = getattr(args, "handler", None)

@@ -98,6 +98,36 @@ def _fmt(addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
+def bind_with_twin(
+    what: str, addr: str, port: int, *, twin: bool, reuse_port: bool, logger: JsonLogger
+) -> list[socket.socket]:
+    """Bind ``addr:port`` and, for ``127.0.0.1`` with IPv6 enabled, ``[::1]`` at the same port."""
+    try:
+        first = _bind(addr, port, reuse_port=reuse_port)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise StartupError(f"cannot listen on {_fmt(addr, port)} ({what}): {why}") from exc
+    socks = [first]
+    if twin and addr == "127.0.0.1":
+        real_port = first.getsockname()[1]
+        if not ipv6_enabled():
+            logger.info("IPv6 disabled in this network namespace; no [::1] twin listener",
+                        listener=what, port=real_port)
+        else:
+            try:
+                socks.append(_bind("::1", real_port, reuse_port=reuse_port))
+            except OSError as exc:
+                if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    logger.warning("cannot listen on [::1]; redirected IPv6 connections will fail",
+                                   listener=what, port=real_port, error=exc.strerror)
+                else:
+                    first.close()
+                    raise StartupError(
+                        f"cannot listen on {_fmt('::1', real_port)} ({what} IPv6 twin): {exc.strerror or exc}"
+                    ) from exc
+    return socks
+
+
 @dataclass
 class _ListenerSpec:
     name: ListenerName
@@ -165,31 +195,7 @@ class Server:
     # -- binding -------------------------------------------------------------------------------
 
     def _bind_with_twin(self, what: str, addr: str, port: int, twin: bool) -> list[socket.socket]:
-        try:
-            first = _bind(addr, port, reuse_port=self.reuse_port)
-        except OSError as exc:
-            why = exc.strerror or str(exc)
-            raise StartupError(f"cannot listen on {_fmt(addr, port)} ({what}): {why}") from exc
-        socks = [first]
-        if twin and addr == "127.0.0.1":
-            real_port = first.getsockname()[1]
-            if not ipv6_enabled():
-                self.logger.info("IPv6 disabled in this network namespace; no [::1] twin listener",
-                                 listener=what, port=real_port)
-            else:
-                try:
-                    socks.append(_bind("::1", real_port, reuse_port=self.reuse_port))
-                except OSError as exc:
-                    if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                        self.logger.warning("cannot listen on [::1]; redirected IPv6 connections will fail",
-                                            listener=what, port=real_port, error=exc.strerror)
-                    else:
-                        first.close()
-                        raise StartupError(
-                            f"cannot listen on {_fmt('::1', real_port)} ({what} IPv6 twin): "
-                            f"{exc.strerror or exc}"
-                        ) from exc
-        return socks
+        return bind_with_twin(what, addr, port, twin=twin, reuse_port=self.reuse_port, logger=self.logger)
 
     def bind(self) -> None:
         """Bind every registered listener (and the admin listener). Raises ``StartupError``."""
@@ -319,10 +325,15 @@ class Server:
 class Runtime:
     """Builds the app from a validated config and runs it (used by ``botbox run`` and the tests)."""
 
-    def __init__(self, config: Config, *, logger: JsonLogger | None = None) -> None:
+    def __init__(
+        self, config: Config, *, logger: JsonLogger | None = None, worker_ready_fd: int | None = None
+    ) -> None:
         self.config = config
         self.logger = logger or JsonLogger()
         self.metrics = Metrics()
+        # Worker of a ``workers > 1`` supervisor: SO_REUSEPORT listeners, no admin listener (the
+        # supervisor serves it), readiness reported by writing one byte to this fd.
+        self.worker_ready_fd = worker_ready_fd
         self._stop: anyio.Event | None = None
         self._stop_requested = False
         self.server: Server | None = None
@@ -358,7 +369,7 @@ class Runtime:
                        metrics=self.metrics, logger=log)
         self.app = app
         server = Server(app, max_connections=cfg.max_connections, shutdown_grace=cfg.shutdown_grace_seconds,
-                        reuse_port=cfg.workers > 1)
+                        reuse_port=self.worker_ready_fd is not None)
 
         async def http_handler(stream: anyio.abc.SocketStream, ctx: ConnectionContext) -> None:
             await serve_connection(stream, ctx, app)
@@ -375,11 +386,12 @@ class Runtime:
                 raise
             except Exception as exc:
                 raise StartupError(f"HTTPS interception setup failed: {exc}") from exc
-        server.set_admin(cfg.metrics_addr, cfg.metrics_port,
-                         AdminHandler(ready=app.ready, render_metrics=self.metrics.render,
-                                      header_timeout=cfg.request_header_timeout_seconds))
-        for warning in startup_warnings(cfg):
-            log.warning(warning)
+        if self.worker_ready_fd is None:
+            server.set_admin(cfg.metrics_addr, cfg.metrics_port,
+                             AdminHandler(ready=app.ready, render_metrics=self.metrics.render,
+                                          header_timeout=cfg.request_header_timeout_seconds))
+            for warning in startup_warnings(cfg):
+                log.warning(warning)
         server.bind()
         self.server = server
         return server
@@ -412,6 +424,9 @@ class Runtime:
                 self.logger.info("listening", pid=os.getpid(), **{
                     k: [_fmt(a, p) for a, p in v] for k, v in server.bound.items()
                 })
+                if self.worker_ready_fd is not None:
+                    os.write(self.worker_ready_fd, b"1")
+                    os.close(self.worker_ready_fd)
                 task_status.started()
                 await self._stop.wait()
                 self.logger.info("shutting down", grace_seconds=server.shutdown_grace,
@@ -450,6 +465,172 @@ async def run_until_signal(runtime: Runtime) -> None:
 
 
 def run_workers(cfg: Config, config_path: str, logger: JsonLogger) -> int:
-    """``workers > 1``: not implemented yet; refuse rather than silently running one process."""
-    logger.error("workers > 1 is not supported by this build", workers=cfg.workers)
-    return 1
+    """``workers > 1``: supervise N ``botbox run`` worker processes sharing the proxy ports.
+
+    Each worker binds the proxy listeners itself with ``SO_REUSEPORT`` (the kernel spreads connections)
+    and writes its metrics to a private prometheus multiprocess directory; this supervisor serves the
+    admin listener, aggregating the metrics of all workers. ``/healthz`` is 200 while every worker is
+    up and every referenced secret resolves. SIGTERM/SIGINT is forwarded to every worker (each drains
+    up to ``shutdown_grace_seconds``). A worker that dies is restarted. Returns the exit code.
+    ``max_connections`` applies per worker.
+    """
+    import shutil
+    import tempfile
+
+    mpdir = tempfile.mkdtemp(prefix="botbox-metrics-")
+    try:
+        return anyio.run(_supervise, cfg, config_path, logger, mpdir, backend="asyncio",
+                         backend_options=_loop_options())
+    except StartupError as exc:
+        logger.error("startup failed", error=str(exc))  # noqa: TRY400 - JsonLogger
+        return 1
+    finally:
+        shutil.rmtree(mpdir, ignore_errors=True)
+
+
+def _loop_options() -> dict[str, Any]:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
+@dataclass
+class _Worker:
+    index: int
+    proc: Any  # subprocess.Popen[bytes]
+    ready_r: int
+
+
+def _spawn_worker(index: int, config_path: str, mpdir: str) -> _Worker:
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": mpdir}
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "botbox", "run", "--config", config_path, "--worker-ready-fd", str(w)],
+            pass_fds=(w,), env=env,
+        )
+    finally:
+        os.close(w)
+    return _Worker(index, proc, r)
+
+
+async def _wait_ready(worker: _Worker, limit: float) -> bool:
+    def read() -> bytes:
+        try:
+            return os.read(worker.ready_r, 1)
+        finally:
+            os.close(worker.ready_r)
+
+    with anyio.move_on_after(limit):
+        return await anyio.to_thread.run_sync(read, abandon_on_cancel=True) == b"1"
+    return False
+
+
+async def _supervise(cfg: Config, config_path: str, logger: JsonLogger, mpdir: str) -> int:
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=mpdir)  # type: ignore[no-untyped-call]
+    policy = Policy.from_config(cfg.egress_policy)
+    secrets = SecretStore(cfg.secrets_dir)
+    for warning in startup_warnings(cfg):
+        logger.warning(warning)
+
+    workers = [_spawn_worker(i, config_path, mpdir) for i in range(cfg.workers)]
+
+    def stop_all(sig: int = signal.SIGTERM) -> None:
+        for wk in workers:
+            if wk.proc.poll() is None:
+                wk.proc.send_signal(sig)
+
+    async def reap(limit: float) -> None:
+        with anyio.move_on_after(limit):
+            while any(wk.proc.poll() is None for wk in workers):  # noqa: ASYNC110 - polling child processes
+                await anyio.sleep(0.05)
+        for wk in workers:
+            if wk.proc.poll() is None:
+                wk.proc.kill()
+                await anyio.to_thread.run_sync(wk.proc.wait)
+
+    # Startup: every worker must report ready; the first failure decides the exit code.
+    for wk in workers:
+        if not await _wait_ready(wk, 60.0):
+            stop_all()
+            await reap(5.0)
+            code = wk.proc.returncode
+            logger.error("worker failed to start", worker=wk.index, exit_code=code)
+            return code if code in (1, 2) else 1
+    try:
+        admin_socks = bind_with_twin("admin", cfg.metrics_addr, cfg.metrics_port, twin=True,
+                                     reuse_port=False, logger=logger)
+    except StartupError:
+        stop_all()
+        await reap(cfg.shutdown_grace_seconds + 5)
+        raise
+
+    stopping = False
+
+    def ready() -> bool:
+        return not stopping and all(wk.proc.poll() is None for wk in workers) and secrets.available(
+            policy.referenced_secrets
+        )
+
+    admin = AdminHandler(ready=ready, render_metrics=lambda: generate_latest(registry),
+                         header_timeout=cfg.request_header_timeout_seconds)
+
+    async def admin_loop(sock: socket.socket) -> None:
+        listener = await anyio.abc.SocketListener.from_socket(sock)
+        async with listener, anyio.create_task_group() as conns:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError:
+                    await anyio.sleep(0.1)
+                    continue
+                conns.start_soon(admin, stream)
+
+    async def monitor() -> None:
+        while True:
+            await anyio.sleep(0.5)
+            for i, wk in enumerate(workers):
+                code = wk.proc.poll()
+                if code is None or stopping:
+                    continue
+                logger.error("worker exited unexpectedly; restarting", worker=wk.index,
+                             pid=wk.proc.pid, exit_code=code)
+                multiprocess.mark_process_dead(wk.proc.pid, mpdir)  # type: ignore[no-untyped-call]
+                await anyio.sleep(1.0)
+                if stopping:
+                    return
+                workers[i] = _spawn_worker(wk.index, config_path, mpdir)
+                if not await _wait_ready(workers[i], 60.0):
+                    logger.error("restarted worker failed to start", worker=wk.index)
+
+    def on_reload(ok: bool) -> None:
+        if not ok:
+            logger.error("secrets reload failed in supervisor; keeping last known-good values")
+
+    logger.info("listening", pid=os.getpid(), workers=[wk.proc.pid for wk in workers],
+                admin=[_fmt(*s.getsockname()[:2]) for s in admin_socks])
+    async with anyio.create_task_group() as tg:
+        for sock in admin_socks:
+            tg.start_soon(admin_loop, sock)
+        tg.start_soon(monitor)
+        tg.start_soon(watch_secrets, secrets, on_reload, _SECRETS_RECHECK_SECONDS)
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                logger.info("signal received; draining workers", signal=signal.Signals(signum).name)
+                break
+        stopping = True
+        stop_all()
+        await reap(cfg.shutdown_grace_seconds + 5)
+        for wk in workers:
+            multiprocess.mark_process_dead(wk.proc.pid, mpdir)  # type: ignore[no-untyped-call]
+        tg.cancel_scope.cancel()
+    logger.info("stopped")
+    return 0

@@ -121,3 +121,50 @@ def test_run_with_non_loopback_warns(tmp_path: Path, base_config: dict[str, Any]
             p.proc.wait()
     warnings = [json.loads(line) for line in p.stderr().splitlines() if '"level":"warning"' in line]
     assert any("metrics_addr" in w["msg"] and "not loopback" in w["msg"] for w in warnings)
+
+
+def test_workers_share_port_and_aggregate_metrics(
+    tmp_path: Path, base_config: dict[str, Any], upstream: TLSUpstream
+) -> None:
+    base_config["workers"] = 2
+    path = write_config(tmp_path / "c.yaml", base_config)
+    p = spawn_botbox(["run", "--config", str(path)], tmp_path)
+    try:
+        deadline = time.monotonic() + 20
+        while '"workers":[' not in p.stderr():
+            assert p.proc.poll() is None, p.stderr()
+            assert time.monotonic() < deadline, p.stderr()
+            time.sleep(0.05)
+        n = 12
+        for _ in range(n):  # separate connections: the kernel spreads them over the workers
+            with socket.create_connection(("127.0.0.1", base_config["listen_port"]), timeout=10) as s:
+                s.sendall(get(f"127.0.0.1:{upstream.port}"))
+                assert read_response(s).status == 200
+        with socket.create_connection(("127.0.0.1", base_config["metrics_port"]), timeout=10) as s:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            metrics = read_response(s).body.decode()
+        with socket.create_connection(("127.0.0.1", base_config["metrics_port"]), timeout=10) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(s).status == 200
+        assert f'botbox_requests_total{{decision="allow",host="127.0.0.1"}} {float(n)}' in metrics
+        p.proc.send_signal(signal.SIGTERM)
+        assert p.proc.wait(timeout=20) == 0
+    finally:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()
+    listening = [json.loads(line) for line in p.stderr().splitlines() if '"msg":"listening"' in line]
+    worker_pids = {r["pid"] for r in listening if "http" in r}
+    assert len(worker_pids) == 2
+    assert SECRET_VALUE not in p.stderr() and SECRET_VALUE not in metrics
+
+
+def test_workers_startup_failure_exits_1(tmp_path: Path, base_config: dict[str, Any]) -> None:
+    base_config["workers"] = 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", base_config["listen_port"]))  # no SO_REUSEPORT: workers cannot join
+        s.listen(1)
+        path = write_config(tmp_path / "c.yaml", base_config)
+        out = run_botbox(["run", "-c", str(path)])
+    assert out.returncode == 1
+    assert "cannot listen" in out.stderr
