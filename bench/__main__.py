@@ -49,13 +49,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="one round of 3 s runs, 1,000 idle connections")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
-    ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument("--rounds", type=int, default=None, help="default 3 (1 with --quick)")
+    ap.add_argument("--duration", type=float, default=None, help="seconds per wrk run, default 10 (3)")
+    ap.add_argument("--warmup", type=float, default=None, help="default 3 s (1)")
     ap.add_argument("--conc", default="1,32,256")
     ap.add_argument("--contenders", default=",".join(ALL))
-    ap.add_argument("--idle", default="1000,10000", help="idle keep-alive connection counts for RSS")
-    ap.add_argument("--sse-n", type=int, default=200)
+    ap.add_argument(
+        "--idle", default=None, help="idle keep-alive connection counts for RSS, default 1000,10000 (1000)"
+    )
+    ap.add_argument("--sse-n", type=int, default=None, help="SSE requests per contender, default 200 (100)")
     ap.add_argument(
         "--max-other-pct",
         type=float,
@@ -68,7 +70,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile",
         type=float,
         default=0.0,
-        help="after the benchmark, py-spy BotBox for this many seconds under c=32 load",
+        help="after the benchmark, py-spy BotBox for this many seconds under load",
+    )
+    ap.add_argument("--profile-conc", type=int, default=32)
+    ap.add_argument(
+        "--profile-listener",
+        choices=["http", "tls"],
+        default="http",
+        help="profile the plain-HTTP listener or the HTTPS interception listener",
     )
     ap.add_argument("--no-install", action="store_true")
     ap.add_argument(
@@ -78,8 +87,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick runs only write bench/out/<stamp>/RESULTS.md)",
     )
     a = ap.parse_args(argv)
-    if a.quick:
-        a.rounds, a.duration, a.warmup, a.idle, a.sse_n = 1, 3.0, 1.0, "1000", 100
+    defaults = (
+        {"rounds": 1, "duration": 3.0, "warmup": 1.0, "idle": "1000", "sse_n": 100}
+        if a.quick
+        else {"rounds": 3, "duration": 10.0, "warmup": 3.0, "idle": "1000,10000", "sse_n": 200}
+    )
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
     return a
 
 
@@ -289,7 +304,7 @@ class Bench:
                     self._wrk(con, conc, "tls-in", rnd)
 
     def workers2(self) -> None:
-        if "botbox" not in self.live:
+        if "botbox" not in self.names or "botbox" in self.failed:
             return
         try:
             con = self._start("botbox-w2")
@@ -298,6 +313,8 @@ class Bench:
             log(f"botbox workers=2 failed: {str(e)[:300]}")
             return
         try:
+            assert con.proc is not None
+            self.extra["w2_processes"] = len(tree(con.proc.pid))
             run_wrk(con.url, 32, self.a.warmup, self.lua, self._headers(con))
             for rnd in range(self.a.rounds):
                 for conc in [c for c in self.concs if c > 1]:
@@ -383,8 +400,14 @@ class Bench:
         from bench.env import BENCH_VENV
         from bench.profile import report as profile_report
 
+        if self.a.profile_listener == "tls":
+            bb = Contender(
+                "botbox-tls", INTERCEPT_PORT, scheme="https", host_header=peers.ORIGIN_HOST, proc=bb.proc
+            )
+            run_wrk(bb.url, 8, 1.0, self.lua, self._headers(bb))  # warm the certificate cache
+        assert bb.proc is not None
         dur = self.a.profile
-        path = self.out / "botbox-profile.txt"
+        path = self.out / f"botbox-profile-{self.a.profile_listener}-c{self.a.profile_conc}.txt"
         spy = subprocess.Popen(
             [
                 str(BENCH_VENV / "bin" / "py-spy"),
@@ -408,12 +431,12 @@ class Bench:
         saved = self.a.duration
         self.a.duration = dur
         try:
-            res = self._wrk(bb, 32, "profile", 0)
+            res = self._wrk(bb, self.a.profile_conc, "profile", 0)
         finally:
             self.a.duration = saved
         spy.wait(timeout=dur + 60)
         summary = profile_report(path, res.cpu_us_per_req, 40) if path.exists() else "py-spy wrote nothing"
-        (self.out / "botbox-profile-summary.txt").write_text(summary + "\n")
+        path.with_suffix(".summary.txt").write_text(summary + "\n")
         self.extra["profile"] = {"raw": str(path), "cpu_us_per_req": res.cpu_us_per_req, "rps": res.rps}
         log(f"profile written: {path} (+ summary)")
 

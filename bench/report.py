@@ -156,6 +156,8 @@ def render(raw: dict[str, Any]) -> str:
     w2 = {c for (n, c, lay) in by if lay == "w2"}
     if w2 or raw.get("w2_error"):
         w("## BotBox `workers: 2` (processes on CPUs 0-1, sharing CPU 0 with wrk and the origin)\n")
+        if raw.get("w2_processes") is not None:
+            w(f"BotBox process tree with `workers: 2`: {raw['w2_processes']} process(es).\n")
         if w2:
             w("| c | req/s workers=2 | req/s workers=1 | scaling | CPU µs/req workers=2 |")
             w("|---:|---:|---:|---:|---:|")
