@@ -34,7 +34,7 @@ SETTLE = 0.3  # seconds for an in-flight packet to reach (and be logged by) a re
 @pytest.fixture(scope="module", params=["legacy", "nft"])
 def world(request: pytest.FixtureRequest) -> Iterator[World]:
     backend = request.param
-    index = 22 if backend == "legacy" else 24
+    index = 22 if backend == "legacy" else 25
     with World(WorldOptions(index=index, netsetup_env={"BOTBOX_IPTABLES_BACKEND": backend})) as w:
         yield w
 
