@@ -1,8 +1,8 @@
 """python-iptables worker: programs ONE address family of the legacy (x_tables) backend per process.
 
 python-iptables cannot use IPv4 and IPv6 tables in the same process, so the legacy backend runs
-``python -m netsetup._legacy_worker`` once per family with a JSON request on stdin and reads a JSON
-answer from stdout.  Requests::
+``python -m netsetup._legacy_worker`` once per family and talks JSON lines over its stdin/stdout (one
+request per line, one answer per line; a worker refuses requests for another family).  Requests::
 
     {"op": "probe",  "family": "ipv4"}                      # can libiptc open nat and filter?
     {"op": "apply",  "family": "ipv4", "wait": 5, "tables": [TABLE, ...]}
@@ -257,17 +257,36 @@ def handle(req: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True, "messages": messages}
 
 
-def main() -> int:
+def _serve_one(req: dict[str, Any]) -> dict[str, Any]:
     try:
-        req = json.loads(sys.stdin.read())
-        res = handle(req)
+        return handle(req)
     except Unavailable as e:
-        res = {"ok": False, "error": str(e), "unavailable": True}
+        return {"ok": False, "error": str(e), "unavailable": True}
     except Exception as e:
-        res = {"ok": False, "error": f"{type(e).__name__}: {e}", "unavailable": False}
-    sys.stdout.write(json.dumps(res))
-    sys.stdout.flush()
-    return 0 if res["ok"] else 1
+        return {"ok": False, "error": f"{type(e).__name__}: {e}", "unavailable": False}
+
+
+def main() -> int:
+    """Serve one JSON request per stdin line, one JSON answer per stdout line, until EOF.
+
+    (Importing python-iptables is slow, so the backend keeps one worker per family for its lifetime.)
+    """
+    family: str | None = None
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            req = json.loads(line)
+        except ValueError as e:
+            req = {"op": "invalid", "family": None, "error": str(e)}
+        family = family or req.get("family")
+        if req.get("family") != family:
+            res: dict[str, Any] = {"ok": False, "error": "one family per worker", "unavailable": False}
+        else:
+            res = _serve_one(req)
+        sys.stdout.write(json.dumps(res) + "\n")
+        sys.stdout.flush()
+    return 0
 
 
 if __name__ == "__main__":
