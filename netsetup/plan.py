@@ -286,10 +286,10 @@ def nft_rule_exprs(rule: Rule, fam: Family, *, listing: bool = False) -> list[di
 
     Every rule pins its family (``meta nfproto``), so the IPv4 plan never touches IPv6 packets.  With
     ``listing=True`` the result is what ``nft -j list`` prints back: nft hides an ``nfproto`` match that it
-    considers implied by a later ICMPv6 header match or ``reject`` statement (the kernel keeps it).
+    considers implied by a later ICMPv6 header match (the kernel keeps it).
     """
     e: list[dict[str, Any]] = []
-    hide_nfproto = listing and (rule.action == "REJECT" or rule.icmpv6_type is not None)
+    hide_nfproto = listing and rule.icmpv6_type is not None
     l3 = "ip" if fam == "ipv4" else "ip6"
     if rule.dst:
         addr, plen = rule.dst.split("/")
@@ -324,6 +324,7 @@ def nft_rule_exprs(rule: Rule, fam: Family, *, listing: bool = False) -> list[di
             e.append(_m({"ct": {"key": "state"}}, states if len(states) > 1 else states[0], "in"))
     if rule.ctdir:
         e.append(_m({"ct": {"key": "direction"}}, rule.ctdir.lower()))
+    e.append({"counter": None})  # like iptables, every rule counts (operators: which rule dropped it?)
     if rule.action == "ACCEPT":
         e.append({"accept": None})
     elif rule.action == "DROP":
@@ -406,6 +407,8 @@ def nft_text_expr(m: dict[str, Any]) -> str:
         else:
             rt = str(r)
         return f"{lt} {rt}"
+    if "counter" in m:
+        return "counter"
     if "redirect" in m:
         return f"redirect to :{m['redirect']['port']}"
     if "reject" in m:

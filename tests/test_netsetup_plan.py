@@ -80,23 +80,23 @@ GOLDEN_NFT_V4_INTERCEPT = """\
 table inet botbox {
 	chain BB_NAT {
 		type nat hook output priority -110; policy accept;
-		meta nfproto ipv4 meta oifname "lo" return comment "botbox:loopback"
-		meta nfproto ipv4 meta skuid 2000 return comment "botbox:proxy-uid"
-		meta nfproto ipv4 tcp dport 8081 redirect to :18080 comment "botbox:redirect-http"
-		meta nfproto ipv4 tcp dport 443 redirect to :18443 comment "botbox:redirect-https"
+		meta nfproto ipv4 meta oifname "lo" counter return comment "botbox:loopback"
+		meta nfproto ipv4 meta skuid 2000 counter return comment "botbox:proxy-uid"
+		meta nfproto ipv4 tcp dport 8081 counter redirect to :18080 comment "botbox:redirect-http"
+		meta nfproto ipv4 tcp dport 443 counter redirect to :18443 comment "botbox:redirect-https"
 	}
 	chain BB_FILTER {
 		type filter hook output priority 0; policy accept;
-		ip daddr 127.0.0.1 tcp dport 18080 ct status dnat accept comment "botbox:redirected-http"
-		ip daddr 127.0.0.1 tcp dport 18443 ct status dnat accept comment "botbox:redirected-https"
-		meta nfproto ipv4 meta oifname "lo" accept comment "botbox:loopback"
-		meta nfproto ipv4 meta skuid 2000 accept comment "botbox:proxy-uid"
-		meta nfproto ipv4 ct state established,related ct direction reply accept comment "botbox:inbound-reply"
-		ip daddr 10.203.10.53 udp dport 53 accept comment "botbox:dns-udp"
-		ip daddr 10.203.10.53 tcp dport 53 accept comment "botbox:dns-tcp"
-		meta nfproto ipv4 meta l4proto tcp reject with tcp reset comment "botbox:reject-tcp"
-		meta nfproto ipv4 meta l4proto udp reject with icmp port-unreachable comment "botbox:reject-udp"
-		meta nfproto ipv4 drop comment "botbox:drop-other"
+		ip daddr 127.0.0.1 tcp dport 18080 ct status dnat counter accept comment "botbox:redirected-http"
+		ip daddr 127.0.0.1 tcp dport 18443 ct status dnat counter accept comment "botbox:redirected-https"
+		meta nfproto ipv4 meta oifname "lo" counter accept comment "botbox:loopback"
+		meta nfproto ipv4 meta skuid 2000 counter accept comment "botbox:proxy-uid"
+		meta nfproto ipv4 ct state established,related ct direction reply counter accept comment "botbox:inbound-reply"
+		ip daddr 10.203.10.53 udp dport 53 counter accept comment "botbox:dns-udp"
+		ip daddr 10.203.10.53 tcp dport 53 counter accept comment "botbox:dns-tcp"
+		meta nfproto ipv4 meta l4proto tcp counter reject with tcp reset comment "botbox:reject-tcp"
+		meta nfproto ipv4 meta l4proto udp counter reject with icmp port-unreachable comment "botbox:reject-udp"
+		meta nfproto ipv4 counter drop comment "botbox:drop-other"
 	}
 }
 """  # noqa: E501

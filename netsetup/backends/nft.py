@@ -26,7 +26,8 @@ NFT = "nft"
 
 
 def _rule_key(expr: list[dict[str, Any]], comment: str | None) -> str:
-    text = " ".join(_safe_text(x) for x in expr)
+    # counter values are state, not configuration
+    text = " ".join(_safe_text({"counter": None} if "counter" in x else x) for x in expr)
     return f"{text} comment {json.dumps(comment)}" if comment is not None else text
 
 
