@@ -33,7 +33,12 @@ import httpcore
 
 from botbox.hostname import InvalidHost, canonicalize_host, parse_authority
 from botbox.origdst import format_addr
-from botbox.rewrite import SecretUnavailable, downstream_response_headers, upstream_request_headers
+from botbox.rewrite import (
+    SecretUnavailable,
+    downstream_response_headers,
+    secret_usable,
+    upstream_request_headers,
+)
 
 if TYPE_CHECKING:
     from botbox.config import Config
@@ -162,7 +167,8 @@ class ProxyApp:
 
     def ready(self) -> bool:
         """Readiness for /healthz: every referenced secret resolves (S8) and the CA is loaded."""
-        return self.ca_ready and self.secrets.available(self.policy.referenced_secrets)
+        # A secret that exists but can never be injected (CR/LF/NUL, empty: S4) is not available.
+        return self.ca_ready and all(secret_usable(self.secrets, n) for n in self.policy.referenced_secrets)
 
 
 class _Reject(Exception):

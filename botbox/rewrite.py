@@ -39,6 +39,7 @@ __all__ = [
     "HOP_BY_HOP",
     "SecretUnavailable",
     "downstream_response_headers",
+    "secret_usable",
     "upstream_request_headers",
 ]
 
@@ -140,6 +141,25 @@ def upstream_request_headers(
         out.append((name, value))
     out.extend(injected)
     return out, [rw.name for rw in rewrites]
+
+
+def secret_usable(secrets: SecretLookup, ref: str) -> bool:
+    """Whether secret ``ref`` exists and could be injected (non-empty, no CR/LF/NUL or other control
+    character: S4). Readiness (S8) uses it: a secret that every request would refuse is not available.
+    A value wiped by a concurrent reload is looked up once more (the store swaps before it wipes)."""
+    for _ in range(2):
+        sv = secrets.get(ref)
+        if sv is None:
+            return False
+        try:
+            view = sv.buffer()
+        except SecretWiped:
+            continue
+        try:
+            return len(view) > 0 and _UNSAFE_VALUE.search(view) is None
+        finally:
+            view.release()
+    return False
 
 
 def downstream_response_headers(upstream_headers: Headers, decision: Decision) -> list[tuple[bytes, bytes]]:
