@@ -1,13 +1,17 @@
-"""Upstream connections: an httpcore pool speaking verified HTTPS (HTTP/1.1) only.
+"""Upstream connections: a keep-alive pool speaking verified HTTPS (HTTP/1.1) only.
 
 - Trust: certifi's web PKI roots plus ``upstream_ca_file`` when configured (SECURITY-SPEC R4); TLS >= 1.2,
   hostname verification always on. There is no code path that opens a plaintext upstream connection.
 - The pool is keyed by (host, port) and shared across client connections, so keep-alive connections
-  (and their TLS sessions) are reused.
-- Timeouts: ``connect_timeout_seconds`` bounds TCP+TLS setup and waiting for a pool slot;
+  are reused. It is our own (LIFO deque per key, no global lock, no per-request scan of every pooled
+  connection as ``httpcore.AsyncConnectionPool`` does, which dominated the CPU profile); each
+  connection is httpcore's ``AsyncHTTP11Connection`` on native asyncio transports (TLS in C on uvloop).
+- Timeouts: ``connect_timeout_seconds`` bounds TCP connect and the TLS handshake (each);
   ``upstream_idle_timeout_seconds`` is used as httpcore's per-operation read/write timeout, i.e. it ends
   a request only when no byte moves for that long (no total deadline: streams may be long).
-- Retries: httpcore's ``retries`` is 0 and a request that was (even partially) sent is never replayed.
+- Retries: a request with a body or a non-idempotent method is never replayed. Only a bodiless
+  GET/HEAD/OPTIONS/TRACE that failed on a *reused* keep-alive connection before any response byte
+  (the server closed it just as we sent) is retried once on a fresh connection.
 - The proxy connects to the canonical policy host (SECURITY-SPEC P5); name resolution is the system
   resolver's. The original destination IP of the client connection is never used.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+from collections import deque
 from collections.abc import AsyncIterable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -237,8 +242,38 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         await anyio.sleep(seconds)
 
 
+_IDEMPOTENT_NO_BODY = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+
+
+class _ReleasingStream:
+    """Response body wrapper: closing it hands the connection back to the pool (or drops it)."""
+
+    __slots__ = ("_conn", "_inner", "_key", "_pool")
+
+    def __init__(self, inner: Any, pool: UpstreamPool, key: tuple[str, int],
+                 conn: httpcore.AsyncHTTP11Connection) -> None:
+        self._inner = inner
+        self._pool = pool
+        self._key = key
+        self._conn = conn
+
+    def __aiter__(self) -> Any:
+        return self._inner.__aiter__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()  # idle again if the response was complete and keep-alive
+        finally:
+            await self._pool._release(self._key, self._conn)
+
+
 class UpstreamPool:
-    """Thin wrapper over ``httpcore.AsyncConnectionPool`` that only builds ``https://`` requests."""
+    """Keep-alive pool of verified TLS HTTP/1.1 connections, keyed by (host, port).
+
+    A deliberately small pool (no global lock, no scan): a LIFO deque of idle connections per key.
+    Taking a connection checks only that one (expired or EOF/data pending → dropped). Each connection
+    is httpcore's ``AsyncHTTP11Connection`` (h11 inside) on :class:`AsyncioBackend` streams.
+    """
 
     def __init__(
         self,
@@ -249,23 +284,61 @@ class UpstreamPool:
         max_connections: int = 1024,
         keepalive_expiry: float = 60.0,
     ) -> None:
-        self._timeouts = {
-            "connect": connect_timeout,
-            "pool": connect_timeout,
-            "read": idle_timeout,
-            "write": idle_timeout,
+        self._ssl_context = ssl_context
+        ssl_context.set_alpn_protocols(["http/1.1"])
+        self._connect_timeout = connect_timeout
+        self._extensions: dict[str, object] = {
+            "timeout": {"connect": connect_timeout, "pool": connect_timeout,
+                        "read": idle_timeout, "write": idle_timeout},
         }
-        self._extensions: dict[str, object] = {"timeout": self._timeouts}
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context,
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=keepalive_expiry,
-            http1=True,
-            http2=False,
-            retries=0,
-            network_backend=AsyncioBackend(),
-        )
+        self._max_idle = max_connections
+        self._keepalive_expiry = keepalive_expiry
+        self._backend = AsyncioBackend()
+        self._idle: dict[tuple[str, int], deque[httpcore.AsyncHTTP11Connection]] = {}
+        self._closed = False
+        self.connections_opened = 0
+
+    async def _connect(self, host: str, port: int) -> httpcore.AsyncHTTP11Connection:
+        # Both steps raise httpcore ConnectError/ConnectTimeout.
+        stream = await self._backend.connect_tcp(host, port, timeout=self._connect_timeout)
+        try:
+            stream = await stream.start_tls(self._ssl_context, server_hostname=host,
+                                            timeout=self._connect_timeout)
+        except BaseException:
+            await stream.aclose()
+            raise
+        self.connections_opened += 1
+        origin = httpcore.Origin(b"https", host.encode("ascii"), port)
+        return httpcore.AsyncHTTP11Connection(origin, stream, keepalive_expiry=self._keepalive_expiry)
+
+    def _take_idle(self, key: tuple[str, int]) -> httpcore.AsyncHTTP11Connection | None:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if conn.is_idle() and not conn.has_expired():
+                return conn
+            self._discard(conn)
+        return None
+
+    @staticmethod
+    def _discard(conn: httpcore.AsyncHTTP11Connection) -> None:
+        # Closing a native transport is synchronous underneath; no need to await anything.
+        stream = conn._network_stream
+        if isinstance(stream, _AsyncioStream):
+            stream._transport.close()
+
+    async def _release(self, key: tuple[str, int], conn: httpcore.AsyncHTTP11Connection) -> None:
+        if self._closed or not conn.is_idle() or conn.has_expired():
+            if not conn.is_closed():
+                await conn.aclose()
+            return
+        idle = self._idle.get(key)
+        if idle is None:
+            idle = self._idle[key] = deque()
+        # Drop the oldest idle connections beyond the cap or past their keep-alive expiry.
+        while idle and (len(idle) >= self._max_idle or idle[0].has_expired()):
+            self._discard(idle.popleft())
+        idle.append(conn)
 
     async def send(
         self,
@@ -279,10 +352,15 @@ class UpstreamPool:
     ) -> httpcore.Response:
         """Send one request over TLS to ``host:port`` and return once response headers arrived.
 
-        The caller must ``await response.aclose()``. httpcore exceptions propagate unchanged:
-        ``ConnectTimeout``/``PoolTimeout``/``ReadTimeout``/``WriteTimeout`` (timeouts) and
+        The caller must ``await response.aclose()`` (returns the connection to the pool). httpcore
+        exceptions propagate: ``ConnectTimeout``/``ReadTimeout``/``WriteTimeout`` (timeouts) and
         ``ConnectError``/``ReadError``/``WriteError``/``RemoteProtocolError`` (connection failures).
+        Only a bodiless idempotent request that failed on a *reused* connection before any response
+        byte is retried, once, on a fresh connection (the keep-alive close race); nothing else ever is.
         """
+        if self._closed:
+            raise httpcore.ConnectError("upstream pool closed")
+        key = (host, port)
         url = httpcore.URL(scheme=b"https", host=host.encode("ascii"), port=port, target=target)
         request = httpcore.Request(
             method=method,
@@ -291,11 +369,35 @@ class UpstreamPool:
             content=body if body is not None else b"",
             extensions=self._extensions,
         )
-        return await self._pool.handle_async_request(request)
+        conn = self._take_idle(key)
+        reused = conn is not None
+        if conn is None:
+            conn = await self._connect(host, port)
+        try:
+            response = await conn.handle_async_request(request)
+        except (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError):
+            await conn.aclose()
+            if not (reused and body is None and method in _IDEMPOTENT_NO_BODY):
+                raise
+            conn = await self._connect(host, port)
+            try:
+                response = await conn.handle_async_request(request)
+            except BaseException:
+                await conn.aclose()
+                raise
+        except BaseException:
+            await conn.aclose()
+            raise
+        response.stream = _ReleasingStream(response.stream, self, key, conn)
+        return response
 
     @property
     def connection_count(self) -> int:
-        return len(self._pool.connections)
+        return sum(len(d) for d in self._idle.values())
 
     async def aclose(self) -> None:
-        await self._pool.aclose()
+        self._closed = True
+        for idle in self._idle.values():
+            while idle:
+                await idle.pop().aclose()
+        self._idle.clear()

@@ -214,3 +214,18 @@ def test_upstream_ca_file_must_be_pem(tmp_path: Any) -> None:
     ctx = build_ssl_context(None)
     assert ctx.check_hostname and ctx.verify_mode == ssl.CERT_REQUIRED
     assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+def test_stale_keepalive_retry_only_for_idempotent_bodiless(
+    proxy: RunningProxy, upstream: TLSUpstream
+) -> None:
+    """A reused connection the upstream drops without answering: GET is retried once on a fresh
+    connection (then 502 because it drops again), POST is never replayed."""
+    h = f"127.0.0.1:{upstream.port}"
+    assert proxy.exchange(get(h, "/warm")).status == 200  # leaves one pooled connection
+    assert proxy.exchange(get(h, "/close")).status == 502
+    assert [r.target for r in upstream.requests].count("/close") == 2
+    assert proxy.exchange(get(h, "/warm")).status == 200
+    assert proxy.exchange(get(h, "/close", method="POST", body=b"x")).status == 502
+    posts = [r for r in upstream.requests if r.method == "POST"]
+    assert len(posts) == 1
