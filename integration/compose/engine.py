@@ -24,9 +24,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+# BOTBOX_TEST_DOCKER_ROOT selects another data root (e.g. to time a cold build); socket, pidfile and
+# lock are derived from it, so engines on different data roots never collide.
 DATA_ROOT = Path(os.environ.get("BOTBOX_TEST_DOCKER_ROOT", "/var/lib/botbox-docker"))
-RUN_ROOT = Path("/run/botbox-docker")
-LOCK_FILE = Path("/var/lib/botbox-docker.lock")
+RUN_ROOT = Path("/run") / DATA_ROOT.name
+LOCK_FILE = DATA_ROOT.with_name(DATA_ROOT.name + ".lock")
 NEEDED = {"dockerd": "docker.io", "docker-compose": "docker-compose", "debootstrap": "debootstrap",
           "nsenter": "util-linux", "ip": "iproute2"}
 
