@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,7 @@ from bench.env import (
     tool_versions,
     tree,
 )
-from bench.loadgen import RunResult, measured_run, run_wrk, write_lua
+from bench.loadgen import RedoBudget, RunResult, measured_run, run_wrk, write_lua
 from bench.peers import Certs, Contender, Proc
 
 HERE = Path(__file__).resolve().parent
@@ -65,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="redo a run when other processes used more than this %% of a core",
     )
     ap.add_argument("--max-retries", type=int, default=1)
+    ap.add_argument(
+        "--redo-budget",
+        type=float,
+        default=None,
+        help="total seconds that may be spent redoing disturbed runs, default 240 (30 with --quick)",
+    )
     ap.add_argument("--skip", default="", help="comma list of phases to skip: onecore,sse,rss,intercept,w2")
     ap.add_argument(
         "--profile",
@@ -88,9 +95,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     a = ap.parse_args(argv)
     defaults = (
-        {"rounds": 1, "duration": 3.0, "warmup": 1.0, "idle": "1000", "sse_n": 100}
+        {"rounds": 1, "duration": 3.0, "warmup": 1.0, "idle": "1000", "sse_n": 100, "redo_budget": 30.0}
         if a.quick
-        else {"rounds": 3, "duration": 10.0, "warmup": 3.0, "idle": "1000,10000", "sse_n": 200}
+        else {
+            "rounds": 3,
+            "duration": 10.0,
+            "warmup": 3.0,
+            "idle": "1000,10000",
+            "sse_n": 200,
+            "redo_budget": 240.0,
+        }
     )
     for k, v in defaults.items():
         if getattr(a, k) is None:
@@ -114,6 +128,7 @@ class Bench:
         self.runs: list[RunResult] = []
         self.extra: dict[str, object] = {}
         self.lua = write_lua(work)
+        self.budget = RedoBudget(args.redo_budget)
 
     # -------------------------------------------------------------------------------- contenders
     def _start(self, name: str, *, cpus: set[int] | None = None, intercept: bool = False) -> Contender:
@@ -209,6 +224,7 @@ class Bench:
             rnd=rnd,
             max_other_pct=self.a.max_other_pct,
             max_retries=self.a.max_retries,
+            budget=self.budget,
         )
         if con.proc is not None:
             con.proc.truncate_log()
@@ -468,8 +484,16 @@ class Bench:
             self.rss()
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    # clean up (namespace, peers, temp dir) on SIGTERM and on SIGINT even when started in the
+    # background, where a non-interactive shell leaves SIGINT ignored
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     if os.geteuid() != 0:
         print("run as root (network namespace, CPU pinning, squid/nginx user switch)", file=sys.stderr)
         return 1
@@ -525,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         return rc or 1
     meta["wall_seconds"] = round(time.monotonic() - started, 1)
     meta["failed"] = bench.failed
+    meta["redone_runs"] = bench.budget.redone
+    meta["redo_budget_left_s"] = round(bench.budget.left, 1)
     raw = {"meta": meta, "runs": [r.to_json() for r in bench.runs], **bench.extra}
     (out / "results.json").write_text(json.dumps(raw, indent=1, default=str))
     md = report.render(raw)

@@ -47,6 +47,34 @@ class RunResult:
         return asdict(self)
 
 
+class RedoBudget:
+    """Seconds the whole benchmark may spend redoing disturbed runs (the machine is shared)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.left = seconds
+        self.redone = 0
+
+    def take(self, seconds: float) -> bool:
+        if self.left < seconds:
+            return False
+        self.left -= seconds
+        self.redone += 1
+        return True
+
+    def wait_quiet(self, roots: list[int], max_other_pct: float, max_wait: float = 5.0) -> None:
+        t_end = time.monotonic() + min(max_wait, max(0.0, self.left))
+        while time.monotonic() < t_end:
+            meter = CpuMeter(roots)
+            a, _ = meter.snapshot()
+            t0 = time.monotonic()
+            time.sleep(0.5)
+            b, _ = meter.snapshot()
+            spent = time.monotonic() - t0
+            self.left -= spent
+            if 100.0 * CpuMeter.other_ticks(a, b) / CLK_TCK / spent <= max_other_pct:
+                return
+
+
 def write_lua(work: Path) -> Path:
     p = work / "report.lua"
     p.write_text(LUA)
@@ -95,11 +123,15 @@ def measured_run(
     rnd: int,
     max_other_pct: float,
     max_retries: int,
+    budget: RedoBudget,
 ) -> RunResult:
-    """Run wrk once (redoing up to `max_retries` times when other processes used more than
-    `max_other_pct` % of a core meanwhile; the least disturbed attempt is kept)."""
+    """Run wrk once, redoing up to `max_retries` times (while the shared redo budget lasts) when other
+    processes used more than `max_other_pct` % of a core meanwhile; before a redo, wait up to a few
+    seconds for a quiet moment. The least disturbed attempt is kept."""
     best: RunResult | None = None
     for attempt in range(max_retries + 1):
+        if attempt:
+            budget.wait_quiet(other_roots + ([peer_root] if peer_root is not None else []), max_other_pct)
         roots = [*other_roots] + ([peer_root] if peer_root is not None else [])
         meter = CpuMeter(roots)
         peer_meter = CpuMeter([peer_root], include_self=False) if peer_root is not None else None
@@ -133,6 +165,8 @@ def measured_run(
         if best is None or res.other_cpu_pct < best.other_cpu_pct:
             best = res
         if res.other_cpu_pct <= max_other_pct:
+            break
+        if attempt == max_retries or not budget.take(wall):
             break
         log(f"  {name} c={conc}: other processes used {res.other_cpu_pct:.0f}% of a core, redoing")
     assert best is not None

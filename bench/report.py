@@ -70,6 +70,26 @@ def render(raw: dict[str, Any]) -> str:
             why = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
             w(f"**{k} did not run**: `{why[:400]}`\n")
 
+    measured = [r for r in runs if r["layout"] != "profile"]
+    if measured:
+        others = sorted(r["other_cpu_pct"] for r in measured)
+        limit = args.get("max_other_pct", 25.0)
+        over = sum(1 for o in others if o > limit)
+        w(
+            f"Disturbance: other processes used a median {statistics.median(others):.0f} % of a core "
+            f"(max {others[-1]:.0f} %) during the runs; {over} of {len(others)} kept runs were above the "
+            f"{limit:g} % redo threshold even after {args.get('max_retries', 1)} redo(s). CPU µs/req is "
+            "the least sensitive figure; req/s and latency of disturbed runs understate the contender.\n"
+        )
+    cpu32 = {n: _med([r["cpu_us_per_req"] for r in by.get((n, 32, "split"), [])]) for n in PEERS}
+    if cpu32.get("botbox") is not None:
+        peers_txt = ", ".join(f"{n} {_fmt(cpu32[n])}" for n in PEERS[1:-1] if cpu32.get(n) is not None)
+        rps32 = _med([r["rps"] for r in by.get(("botbox", 32, "split"), [])])
+        w(
+            f"**Headline (c=32):** BotBox {_fmt(cpu32['botbox'])} CPU µs/req and {_fmt(rps32, 0)} req/s; "
+            f"peers (CPU µs/req): {peers_txt}.\n"
+        )
+
     split_names = _order({n for (n, _, lay) in by if lay == "split"})
     concs = sorted({c for (_, c, lay) in by if lay == "split"})
     if split_names:
@@ -205,7 +225,7 @@ def render(raw: dict[str, Any]) -> str:
             if not row.get("alive", True):
                 notes += " (contender died)"
             w(
-                f"| {row['contender']} | {row['n']:,} | {row['ok']:,} | {row.get('still_open')} | "
+                f"| {row['contender']} | {row['n']:,} | {row['ok']:,} | {row.get('still_open') or 0:,} | "
                 f"{row['base_kib'] / 1024:.1f} | {row['held_kib'] / 1024:.1f} | "
                 f"{row['kib_per_conn']:.1f} | {notes} |"
             )
