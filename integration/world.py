@@ -532,22 +532,53 @@ class World:
         return (self.root / "logs" / f"dnsmasq-{label}.log").read_text(errors="replace")
 
     def filter_counters(self) -> dict[str, int]:
-        """Packets counted by netsetup's REJECT/DROP rules in the pod, per family (iptables view).
+        """Packets counted by netsetup's REJECT/DROP rules in the pod, per family.
 
-        Reads both iptables backends and sums every DROP/REJECT rule that lives in a BotBox chain
-        (named by ``BOTBOX_FILTER_CHAIN``, default ``EGRESS_FILTER``).
+        Sums every DROP/REJECT rule of BotBox's filter chain (``BOTBOX_FILTER_CHAIN``, default
+        ``EGRESS_FILTER``) as seen by iptables-legacy, iptables-nft and nft's ``inet botbox`` table
+        (an nft rule without a family match counts for both).  ``counted_sources`` tells whether any
+        of those rules carries a counter at all.
         """
+        totals, _ = self._filter_counters()
+        return totals
+
+    def counted_sources(self) -> list[str]:
+        return self._filter_counters()[1]
+
+    def _filter_counters(self) -> tuple[dict[str, int], list[str]]:
         chain = self.netsetup_env().get("BOTBOX_FILTER_CHAIN", "EGRESS_FILTER")
         totals = {"ipv4": 0, "ipv6": 0}
+        sources: list[str] = []
         for fam, tools in (("ipv4", ("iptables-legacy-save", "iptables-nft-save")),
                            ("ipv6", ("ip6tables-legacy-save", "ip6tables-nft-save"))):
             for tool in tools:
                 proc = self.run(self.pod, [tool, "-c", "-t", "filter"], timeout=30)
                 for line in proc.stdout.splitlines():
                     m = re.match(r"^\[(\d+):(\d+)\] -A (\S+) .*-j (DROP|REJECT)\b", line)
-                    if m and m.group(3).startswith(chain):
+                    if m and m.group(3) == chain:
                         totals[fam] += int(m.group(1))
-        return totals
+                        if tool not in sources:
+                            sources.append(tool)
+        proc = self.run(self.pod, ["nft", "-j", "list", "table", "inet", "botbox"], timeout=30)
+        if proc.returncode == 0:
+            for item in json.loads(proc.stdout).get("nftables", []):
+                rule = item.get("rule")
+                if not rule or rule.get("chain") != chain:
+                    continue
+                exprs = rule.get("expr", [])
+                if not any("drop" in e or "reject" in e for e in exprs):
+                    continue
+                packets = next((e["counter"]["packets"] for e in exprs if "counter" in e), None)
+                if packets is None:
+                    continue
+                text = json.dumps(exprs)
+                family_marks = (("ipv4", ('"ipv4"', '"ip"')), ("ipv6", ('"ipv6"', '"ip6"', "icmpv6")))
+                fams = [f for f, marks in family_marks if any(m in text for m in marks)] or ["ipv4", "ipv6"]
+                for f in fams:
+                    totals[f] += int(packets)
+                if "nft" not in sources:
+                    sources.append("nft")
+        return totals, sources
 
     def redact(self, text: str) -> str:
         for value in sorted(self.secret_history, key=len, reverse=True):
