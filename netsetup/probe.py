@@ -16,10 +16,10 @@ refused by the kernel (``EPERM`` from the REJECT rule), and a TCP connection to 
 redirected must be refused (``ECONNREFUSED`` from ``tcp-reset`` or ``EPERM``).
 
 The documentation addresses need a route for ``connect()`` to get as far as netfilter.  When the
-namespace has none (no default route), the probe adds a temporary dummy interface (``bbprb`` + random)
-with host routes to them and deletes it afterwards.  Packets the probe lets through (only the proxy-uid
-check, by design) go to an address reserved for documentation.  Nothing else is changed; conntrack entries
-of the probe connections expire on their own.
+namespace has none (no default route), the probe adds a temporary veth pair (``bbprb`` + random, both
+ends in this namespace) with host routes to them and deletes it afterwards.  Packets the probe lets
+through (only the proxy-uid check, by design) go to an address reserved for documentation.  Nothing
+else is changed; conntrack entries of the probe connections expire on their own.
 """
 
 from __future__ import annotations
@@ -144,7 +144,12 @@ def _has_route(family: Family) -> bool:
 
 @contextlib.contextmanager
 def _temporary_routes(families: tuple[Family, ...]) -> Iterator[list[str]]:
-    """Give the documentation addresses a route if they have none (temporary dummy device)."""
+    """Give the documentation addresses a route if they have none.
+
+    Uses a temporary veth pair with both ends in this namespace (veth is available wherever pods run;
+    the dummy driver often is not), a documentation source address on it and host routes to the test
+    addresses; deleting the veth removes all of it.
+    """
     notes: list[str] = []
     missing = [f for f in families if not _has_route(f)]
     if not missing:
@@ -154,15 +159,20 @@ def _temporary_routes(families: tuple[Family, ...]) -> Iterator[list[str]]:
 
     ifname = "bbprb" + secrets.token_hex(3)
     with IPRoute() as ipr:
-        ipr.link("add", ifname=ifname, kind="dummy")
+        ipr.link("add", ifname=ifname, kind="veth", peer={"ifname": ifname + "p"})
         try:
             idx = ipr.link_lookup(ifname=ifname)[0]
-            ipr.link("set", index=idx, state="up")
+            for name in (ifname, ifname + "p"):
+                ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
             for f in missing:
-                ipr.route("add", dst=TEST_ADDR[f] + ("/32" if f == "ipv4" else "/128"), oif=idx,
-                          family=socket.AF_INET if f == "ipv4" else socket.AF_INET6)
+                if f == "ipv4":
+                    ipr.addr("add", index=idx, address="192.0.2.2", prefixlen=32)
+                    ipr.route("add", dst="192.0.2.1/32", oif=idx, family=socket.AF_INET)
+                else:
+                    ipr.addr("add", index=idx, address="2001:db8::2", prefixlen=128, flags=0x02)  # nodad
+                    ipr.route("add", dst="2001:db8::1/128", oif=idx, family=socket.AF_INET6)
             notes.append(f"no route to {', '.join(TEST_ADDR[f] for f in missing)}: "
-                         f"temporary dummy interface {ifname} used")
+                         f"temporary interface {ifname} used")
             yield notes
         finally:
             with contextlib.suppress(Exception):
@@ -269,6 +279,14 @@ def _probe_redirect(family: Family, from_port: int, to_port: int, probe_uid: int
 
 
 def run_probe(plan: Plan, probe_uid: int | None = None) -> list[ProbeResult]:
+    """Run every probe check; an error while probing is a failed check, never a pass."""
+    try:
+        return _run_probe(plan, probe_uid)
+    except Exception as e:
+        return [ProbeResult("-", "probe", False, f"probe could not run: {type(e).__name__}: {e}")]
+
+
+def _run_probe(plan: Plan, probe_uid: int | None = None) -> list[ProbeResult]:
     s = plan.settings
     uid = probe_uid if probe_uid is not None else default_probe_uid(s.uid)
     if uid == s.uid:

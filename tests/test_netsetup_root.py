@@ -289,6 +289,20 @@ def test_legacy_ipv6_interface_mask_checked(world: World) -> None:
     assert "probe ipv6 udp/443 as uid 65534: FAILED" in out  # the bad mask really lets IPv6 out
 
 
+def test_probe_without_route_uses_temporary_interface_and_removes_it() -> None:
+    """N6: a namespace without a default route still gets probed; nothing is left behind."""
+    with netns.namespace(prefix="bbnsr", ipv6=True) as bare:
+        e = {k: v for k, v in os.environ.items() if not k.startswith("BOTBOX_")}
+        e["PYTHONPATH"] = str(ROOT)
+        links_before = bare.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        p = bare.run([str(PY), "-m", "netsetup", "apply", "--probe", "--backend", "nft"], env=e,
+                     cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+        out = _ok(p)
+        assert "temporary interface bbprb" in out
+        assert "probe ipv6 tcp/80->8080 as uid 65534: ok (SO_ORIGINAL_DST [2001:db8::1]:80)" in out
+        assert bare.run(["ip", "-o", "link"], capture_output=True, text=True).stdout == links_before
+
+
 # --------------------------------------------------------------------------------------------- foreign rules
 
 
