@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from netsetup.backends import Backend, BackendError, BackendUnavailable
-from netsetup.detect import detect, ipv6_state, make_backend, resolve_families
+from netsetup.detect import close_backend, detect, ipv6_state, make_backend, resolve_families
 from netsetup.plan import Plan, build_plan, render_iptables_save, render_nft
 from netsetup.settings import ENV_DEFAULTS, FLAGS, Settings, SettingsError, parse_settings
 from netsetup.verify import verify
@@ -110,11 +110,15 @@ def run(argv: Sequence[str] | None = None) -> int:
             _print_plan(plan, fmt)
             return EXIT_OK
         backend = _choose(settings, plan)
-        if ns.cmd == "apply":
-            _say(f"applying {'+'.join(fp.family for fp in plan.families)} rules")
-            for m in backend.apply(plan):
-                _say(m)
-        rep = verify(backend, plan, probe=ns.probe, strict=ns.strict, probe_uid=ns.probe_uid, emit=print)
+        try:
+            if ns.cmd == "apply":
+                _say(f"applying {'+'.join(fp.family for fp in plan.families)} rules")
+                for m in backend.apply(plan):
+                    _say(m)
+            rep = verify(backend, plan, probe=ns.probe, strict=ns.strict, probe_uid=ns.probe_uid,
+                         emit=print)
+        finally:
+            close_backend(backend)
         return EXIT_OK if rep.ok else EXIT_VERIFY
     except BackendUnavailable as e:
         _warn(f"unavailable: {e}")
@@ -128,11 +132,14 @@ def _remove(settings: Settings) -> int:
     names = ["nft", "legacy"] if settings.backend == "auto" else [settings.backend]
     for n in names:
         b = make_backend(n, settings)
-        if settings.backend == "auto" and not b.holds_ours(settings):
-            _say(f"{n}: nothing of BotBox's installed")
-            continue
-        for m in b.remove(settings):
-            _say(m)
+        try:
+            if settings.backend == "auto" and not b.holds_ours(settings):
+                _say(f"{n}: nothing of BotBox's installed")
+                continue
+            for m in b.remove(settings):
+                _say(m)
+        finally:
+            close_backend(b)
     return EXIT_OK
 
 

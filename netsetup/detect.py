@@ -129,8 +129,23 @@ def detect(settings: Settings, families: tuple[Family, ...]) -> tuple[Backend, D
         # Counting rules never changes anything (it only lists tables that exist).
         rules[n] = backends[n].rule_count()
         ours[n] = backends[n].holds_ours(settings)
-    d = decide(settings.backend, unavailable, rules, ours)
+    try:
+        d = decide(settings.backend, unavailable, rules, ours)
+    except BackendUnavailable:
+        for b in backends.values():
+            close_backend(b)
+        raise
+    for n, b in backends.items():
+        if n != d.backend:
+            close_backend(b)
     return backends[d.backend], d
+
+
+def close_backend(b: Backend) -> None:
+    """Stop helper processes a backend may keep (the legacy backend's per-family workers)."""
+    close = getattr(b, "close", None)
+    if close is not None:
+        close()
 
 
 def in_netns_hint() -> str:
