@@ -394,7 +394,7 @@ def _prepare(conn: _Conn, head: bytes, req: _Request) -> None:
     app = conn.app
     ctx = conn.ctx
     info = _inspect_head(head)
-    req.method = info.method.decode("latin-1")
+    req.method = info.method[:32].decode("latin-1")  # logged; h11 validates the real one below
     req.head_only = info.method == b"HEAD"
     if info.method == b"CONNECT":
         raise _Reject(405, MSG_CONNECT, "denied_connect")
@@ -463,6 +463,7 @@ def _prepare(conn: _Conn, head: bytes, req: _Request) -> None:
     else:
         port = 443
 
+    req.method = request.method.decode("ascii")  # a token, validated by h11
     decision = req.decision = app.policy.decide(host, port, req.method)
     if not decision.allowed:
         raise _Reject(403, MSG_DENIED, "deny", close=soft_close)
