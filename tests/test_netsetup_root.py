@@ -269,6 +269,16 @@ def test_verify_and_probe_fail_when_rule_deleted_by_hand(world: World, backend: 
     _ok(world.netsetup("apply", "--probe", "--backend", backend))
 
 
+def test_apply_fails_closed_when_probe_cannot_run(world: World) -> None:
+    """apply ends with verify; a failed probe exits 95 and leaves the rules installed (fail closed)."""
+    with _proc(world.pod, [str(PY), "-c", LISTENER.replace('"0.0.0.0"', '"127.0.0.1"'), "8080"]):
+        p = world.netsetup("apply", "--probe", "--backend", "nft")
+        out = _ok(p, 95)
+    assert "cannot listen on 127.0.0.1 port 8080" in out and "verify: FAILED" in out
+    assert "botbox:reject-tcp" in world.sh("nft list table inet botbox")
+    _ok(world.netsetup("verify", "--backend", "nft"))
+
+
 def test_legacy_ipv6_interface_mask_checked(world: World) -> None:
     """python-iptables writes IPv6 '-o lo' with a 0x01 mask; iptables-save cannot show it, verify must."""
     _ok(world.netsetup("apply", "--backend", "legacy", "--enable-ipv6", "1"))
