@@ -213,6 +213,13 @@ def render(raw: dict[str, Any]) -> str:
     if rss:
         w("## RSS per idle keep-alive connection (one request each, then idle)\n")
         w(
+            "Fresh contender per row; RSS (sum over its process tree) after a short warm-up vs. with the "
+            "connections held (opened 8 at a time, so pooling proxies keep a handful of upstream "
+            f"connections). Open-file limit for every process: {meta.get('nofile', '?')} (the VM's hard "
+            "limit), so a proxy that pins one upstream connection per client (mitmproxy) runs out of "
+            "descriptors just short of 10,000.\n"
+        )
+        w(
             "| contender | connections | held OK | still open after | RSS before MiB | RSS held MiB | "
             "KiB / connection | notes |"
         )
