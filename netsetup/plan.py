@@ -186,6 +186,9 @@ def build_plan(s: Settings, families: tuple[Family, ...] = ALL_FAMILIES) -> Plan
     if "ipv6" not in families:
         warnings.append("IPv6 is NOT covered by BotBox rules: IPv6 egress from the app is neither redirected "
                         "nor filtered (BOTBOX_ENABLE_IPV6=0 or IPv6 disabled in this namespace)")
+    if not s.dns_servers:
+        warnings.append("BOTBOX_DNS_SERVERS is empty: the app may send UDP/TCP port 53 to ANY address, a "
+                        "known tunnelling/exfiltration channel; set it to the pod's resolvers")
     if s.dns_servers and "ipv6" in families and not s.dns_servers_for(6):
         warnings.append("BOTBOX_DNS_SERVERS has no IPv6 server: DNS over IPv6 is blocked")
     return Plan(s, tuple(build_family_plan(s, f) for f in families if f in ALL_FAMILIES), tuple(warnings))

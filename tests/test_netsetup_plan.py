@@ -192,6 +192,12 @@ def test_interception_adds_443_redirect_only_when_enabled() -> None:
         (80, 8080), (443, 8443)]
 
 
+def test_unrestricted_dns_warns() -> None:
+    assert any("port 53 to ANY address" in w for w in build_plan(parse_settings({}), ("ipv4",)).warnings)
+    restricted = build_plan(parse_settings({"BOTBOX_DNS_SERVERS": "10.0.0.53,fd00:203:10::53"}))
+    assert not any("53" in w for w in restricted.warnings)
+
+
 def test_ipv4_only_plan_warns() -> None:
     plan = build_plan(parse_settings({}), ("ipv4",))
     assert any("IPv6 is NOT covered" in w for w in plan.warnings)
