@@ -115,6 +115,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                 _say(f"applying {'+'.join(fp.family for fp in plan.families)} rules")
                 for m in backend.apply(plan):
                     _say(m)
+                _remove_stale(settings, backend.name)
             rep = verify(backend, plan, probe=ns.probe, strict=ns.strict, probe_uid=ns.probe_uid,
                          emit=print)
         finally:
@@ -126,6 +127,21 @@ def run(argv: Sequence[str] | None = None) -> int:
     except BackendError as e:
         _warn(f"error: {e} (installed rules left as they are)")
         return EXIT_ERROR
+
+
+def _remove_stale(settings: Settings, current: str) -> None:
+    """BotBox objects left in the *other* backend (backend switched) would keep enforcing old settings
+    (e.g. an old proxy uid); remove them now that the current backend's rules are in place."""
+    other = "legacy" if current == "nft" else "nft"
+    b = make_backend(other, settings)
+    try:
+        if b.holds_ours(settings):
+            _warn(f"{other} still holds BotBox objects from an earlier run; removing them "
+                  f"(the {current} rules are already in place)")
+            for m in b.remove(settings):
+                _say(m)
+    finally:
+        close_backend(b)
 
 
 def _remove(settings: Settings) -> int:

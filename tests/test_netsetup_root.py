@@ -368,6 +368,15 @@ def test_detection_prefers_backend_in_use_and_warns_when_both(world: World) -> N
     assert "backend: legacy" in p.stdout  # holds BotBox's rules already
 
 
+def test_switching_backend_removes_stale_botbox_objects(world: World) -> None:
+    _ok(world.netsetup("apply", "--backend", "legacy", "--uid", "2000"))
+    p = world.netsetup("apply", "--backend", "nft")
+    _ok(p)
+    assert "legacy still holds BotBox objects" in p.stderr
+    assert "botbox" not in world.sh("iptables-legacy-save; ip6tables-legacy-save")
+    assert "skuid 1337" in world.sh("nft list table inet botbox")
+
+
 def test_unavailable_backend_or_ipv6_exits_3_and_touches_nothing(world: World, tmp_path: Path) -> None:
     """N4 / exit 3: nft missing; IPv6 required but the kernel has none (simulated)."""
     before = world.ruleset()
