@@ -49,7 +49,9 @@ def render(raw: dict[str, Any]) -> str:
     tools = meta.get("tools", {})
     w("Tools: " + ", ".join(f"{k} {v}" for k, v in tools.items()) + "  ")
     w(
-        f"Run: {meta['started']} (git {meta.get('git', '?')}), {args.get('rounds')} interleaved round(s) × "
+        f"Run: {meta['started']} (git {meta.get('git', '?')}"
+        f"{', uncommitted changes under botbox/' if meta.get('botbox_tree_dirty') else ''}), "
+        f"{args.get('rounds')} interleaved round(s) × "
         f"{args.get('duration')} s per run after a {args.get('warmup')} s warm-up; wall time "
         f"{meta.get('wall_seconds', '?')} s. "
         f"Command: `./dev bench{' --quick' if args.get('quick') else ''}`.\n"
