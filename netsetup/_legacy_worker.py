@@ -5,6 +5,7 @@ python-iptables cannot use IPv4 and IPv6 tables in the same process, so the lega
 request per line, one answer per line; a worker refuses requests for another family).  Requests::
 
     {"op": "probe",  "family": "ipv4"}                      # can libiptc open nat and filter?
+    {"op": "check",  "family": "ipv4", "tables": [TABLE, ...]}  # would apply have to flush foreign rules?
     {"op": "apply",  "family": "ipv4", "wait": 5, "tables": [TABLE, ...]}
     {"op": "remove", "family": "ipv4", "wait": 5, "tables": [{"table": "nat", "chain": "EGRESS_REDIRECT"}]}
 
@@ -36,6 +37,10 @@ XTABLES_LOCK = "/run/xtables.lock"
 
 
 class Unavailable(Exception):
+    pass
+
+
+class Conflict(Exception):
     pass
 
 
@@ -145,6 +150,18 @@ def _is_tagged(rule: Any) -> bool:
     return c is not None and c.startswith(TAG_PREFIX)
 
 
+def _check_no_foreign(family: str, spec: dict[str, Any]) -> None:
+    """Open the table (Unavailable if impossible) and refuse chains holding foreign rules (Conflict)."""
+    iptc = _iptc(family)
+    table = _table(family, spec["table"])
+    if table.is_chain(spec["chain"]):
+        foreign = sum(1 for r in iptc.Chain(table, spec["chain"]).rules if not _is_tagged(r))
+        if foreign:
+            raise Conflict(f"{family} {spec['table']}: chain {spec['chain']} exists and holds {foreign} "
+                           "rule(s) BotBox did not install; refusing to flush it (remove them, or choose "
+                           "another BOTBOX_NAT_CHAIN/BOTBOX_FILTER_CHAIN)")
+
+
 def _apply_table(family: str, spec: dict[str, Any], messages: list[str]) -> None:
     iptc = _iptc(family)
     table = _table(family, spec["table"])
@@ -240,13 +257,17 @@ def handle(req: dict[str, Any]) -> dict[str, Any]:
         for name in ("nat", "filter"):
             _table(family, name)
         return {"ok": True, "messages": messages}
+    if op == "check":
+        for spec in req["tables"]:
+            _check_no_foreign(family, spec)
+        return {"ok": True, "messages": messages}
     if op == "inspect":
         return {"ok": True, "messages": messages, "problems": _inspect(family, req["tables"])}
     with xtables_lock(int(req.get("wait", 5))):
         if op == "apply":
             # Open every table first, so an unavailable one fails before anything is changed.
             for spec in req["tables"]:
-                _table(family, spec["table"])
+                _check_no_foreign(family, spec)
             for spec in req["tables"]:
                 _apply_table(family, spec, messages)
         elif op == "remove":

@@ -335,6 +335,17 @@ def test_remove_leaves_foreign_rules_legacy(world: World) -> None:
     assert "botbox" not in after and "EGRESS_REDIRECT" not in after
 
 
+def test_apply_refuses_to_flush_a_foreign_chain_of_the_same_name(world: World) -> None:
+    world.sh("ip6tables-legacy -N EGRESS_FILTER;"
+             "ip6tables-legacy -A EGRESS_FILTER -p tcp --dport 7 -j ACCEPT")
+    p = world.netsetup("apply", "--backend", "legacy")
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "chain EGRESS_FILTER exists and holds 1 rule(s) BotBox did not install" in p.stderr
+    after = world.ruleset()
+    assert "-A EGRESS_FILTER -p tcp -m tcp --dport 7 -j ACCEPT" in after
+    assert "botbox" not in after  # IPv4 was not applied either
+
+
 def test_remove_leaves_foreign_rules_nft(world: World) -> None:
     world.sh("nft add table inet foreign; "
              "nft add chain inet foreign out '{ type filter hook output priority 10; }'; "

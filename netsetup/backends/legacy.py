@@ -190,6 +190,9 @@ class LegacyBackend:
             tables = [{"table": cp.table, "chain": cp.name, "jump": dataclasses.asdict(cp.jump),
                        "rules": [dataclasses.asdict(r) for r in cp.rules]} for cp in fp.chains]
             reqs.append({"op": "apply", "family": fp.family, "wait": self.wait_seconds, "tables": tables})
+        # First every family checks that no foreign rule would be flushed, so a conflict in one family
+        # never leaves the other half-applied.
+        self._workers([{**r, "op": "check"} for r in reqs])
         return [m for res in self._workers(reqs) for m in res.get("messages", [])]
 
     def remove(self, settings: Settings) -> list[str]:
