@@ -57,8 +57,14 @@ def _fire_timeout(fut: asyncio.Future[None], exc: type[Exception]) -> None:
         fut.set_exception(exc())
 
 
+_READ_HIGH_WATER = 256 * 1024  # pause reading from the upstream above this many buffered bytes
+_READ_LOW_WATER = 64 * 1024
+
+
 class _Protocol(asyncio.Protocol):
-    """Buffers received bytes and wakes one reader; tracks write flow control and connection loss."""
+    """Buffers received bytes and wakes one reader; flow control in both directions (reading is paused
+    while the buffer is above the high-water mark, so a fast upstream cannot make us buffer a whole
+    body while the client reads slowly); tracks connection loss."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -68,12 +74,16 @@ class _Protocol(asyncio.Protocol):
         self.reader: asyncio.Future[None] | None = None
         self.paused = False
         self.drainer: asyncio.Future[None] | None = None
+        self.reading_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
+        if len(self.buf) > _READ_HIGH_WATER and not self.reading_paused and self.transport is not None:
+            self.transport.pause_reading()
+            self.reading_paused = True
         self._wake_reader()
 
     def eof_received(self) -> bool:
@@ -110,6 +120,9 @@ class _AsyncioStream(httpcore.AsyncNetworkStream):
     def __init__(self, transport: asyncio.Transport, protocol: _Protocol) -> None:
         self._transport = transport
         self._protocol = protocol
+        # After start_tls the protocol is driven by the TLS transport (connection_made is not called
+        # again): flow control must pause/resume that one, not the raw TCP transport underneath.
+        protocol.transport = transport
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
         proto = self._protocol
@@ -131,6 +144,9 @@ class _AsyncioStream(httpcore.AsyncNetworkStream):
             else:
                 data = bytes(proto.buf[:max_bytes])
                 del proto.buf[:max_bytes]
+            if proto.reading_paused and len(proto.buf) < _READ_LOW_WATER and not proto.eof:
+                proto.reading_paused = False
+                self._transport.resume_reading()
             return data
         if proto.lost is not None:
             raise httpcore.ReadError(str(proto.lost) or type(proto.lost).__name__)

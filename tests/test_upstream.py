@@ -229,3 +229,17 @@ def test_stale_keepalive_retry_only_for_idempotent_bodiless(
     assert proxy.exchange(get(h, "/close", method="POST", body=b"x")).status == 502
     posts = [r for r in upstream.requests if r.method == "POST"]
     assert len(posts) == 1
+
+
+def test_slow_client_backpressures_upstream(proxy: RunningProxy, upstream: TLSUpstream) -> None:
+    """R6: a client that stops reading must stall the upstream, not make the proxy buffer the body."""
+    n = 96 * 1024 * 1024
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.connect(("127.0.0.1", proxy.port))
+        s.sendall(get(f"127.0.0.1:{upstream.port}", f"/download?bytes={n}"))
+        assert s.recv(64).startswith(b"HTTP/1.1 200")
+        time.sleep(1.0)  # not reading: plenty of time for an unthrottled upstream to send it all
+        sent = upstream.download_sent
+    # Socket buffers on both legs plus the proxy's bounded read buffer hold at most a few tens of MiB.
+    assert sent < 40 * 1024 * 1024, f"upstream sent {sent >> 20} MiB to a client that read nothing"

@@ -62,6 +62,7 @@ class TLSUpstream:
     requests: list[Received] = field(default_factory=list)
     handshakes: int = 0
     connections: int = 0
+    download_sent: int = 0  # body bytes handed to the socket by /download so far
     _sock: socket.socket | None = None
     _threads: list[threading.Thread] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -224,6 +225,7 @@ class TLSUpstream:
                 chunk = PATTERN[: min(len(PATTERN), total - sent)]
                 tls.sendall(conn.send(h11.Data(data=chunk)) or b"")
                 sent += len(chunk)
+                self.download_sent = sent
             tls.sendall(conn.send(h11.EndOfMessage()) or b"")
             return True
         if path == "/status":
