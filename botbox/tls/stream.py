@@ -7,8 +7,9 @@ first; and on close we want to *send* ``close_notify`` without waiting (possibly
 Properties:
 * ``receive`` raises ``EndOfStream`` on ``close_notify`` and on a TCP FIN without it (clients often skip
   ``close_notify``; HTTP/1.1 framing, checked by h11, detects truncated requests);
-* sends are serialised with a lock because ``receive`` may also have to flush TLS records (session
-  tickets, key updates) and anyio streams refuse concurrent senders;
+* ``receive`` never writes to the transport (so a reader is never stuck behind a writer waiting for
+  the peer); sends are serialised with a lock and each flush drains every pending record, including
+  those the read path produced (TLS 1.3 KeyUpdate answers);
 * renegotiation is disabled on the context, so ``send`` never has to read;
 * ``aclose`` sends ``close_notify`` best-effort (bounded by a short timeout) and closes the transport.
 """
@@ -69,6 +70,8 @@ class TLSServerStream(ByteStream):
                 except (EndOfStream, BrokenResourceError, ClosedResourceError, OSError):
                     raise TLSHandshakeError("peer closed the connection during the TLS handshake") from None
                 inbio.write(data)
+            except ssl.SSLWantWriteError:  # pragma: no cover - a MemoryBIO never fills up
+                await self._flush_or_fail()
             except ssl.SSLError as exc:
                 # Send our alert (if OpenSSL produced one) so the client sees why.
                 await self._flush_quietly()
@@ -90,11 +93,12 @@ class TLSServerStream(ByteStream):
             pass
 
     async def _flush(self) -> None:
+        """Send every pending TLS record (also records a concurrent ``receive`` produced meanwhile)."""
         if not self._out.pending:
             return
         async with self._send_lock:
-            data = self._out.read()
-            if data:
+            while self._out.pending:
+                data = self._out.read()
                 try:
                     await self.transport.send(data)
                 except BaseException:
@@ -111,7 +115,9 @@ class TLSServerStream(ByteStream):
             try:
                 data = self._ssl.read(max_bytes)
             except ssl.SSLWantReadError:
-                await self._flush()
+                # Never flush here: a receive blocked behind a send that waits for the peer to read
+                # (while the peer waits for us to read) would deadlock.  Records the read path produces
+                # (TLS 1.3 KeyUpdate answers) go out with the next send or at close.
                 try:
                     chunk = await self.transport.receive()
                 except EndOfStream:
@@ -128,8 +134,6 @@ class TLSServerStream(ByteStream):
             except ssl.SSLError as exc:
                 self._broken = True
                 raise BrokenResourceError from exc
-            if self._out.pending:  # e.g. a KeyUpdate answer
-                await self._flush()
             if not data:
                 self._eof = True
                 raise EndOfStream
