@@ -156,6 +156,21 @@ def test_no_credential_for_allowed_host_without_rewrite(world: World) -> None:
     assert not injected & seen
 
 
+def test_upstream_certificate_is_verified(world: World) -> None:
+    """R4: an allowed host whose upstream presents a certificate for other names gets 502, no request."""
+    host = "wrongcert.test"
+    mark = world.hits_mark()
+    errors0 = world.metric("botbox_upstream_errors_total", host=host)
+    proc = world.curl("-i", f"http://{host}/echo")
+    assert proc.returncode == 0, proc.stderr
+    resp = parse_response(proc.stdout)
+    assert (resp.status, resp.body) == (502, "upstream connection failed")
+    hits = world.hits(mark)
+    assert any(h["kind"] == "tcp" and h["local_port"] == 443 for h in hits), "proxy never tried the upstream"
+    assert [h for h in hits if h["kind"] == "https"] == [], "a request went over unverified TLS"
+    assert world.metric("botbox_upstream_errors_total", host=host) == errors0 + 1
+
+
 def test_credential_named_response_headers_are_removed(world: World) -> None:
     resp = raw_http(world, get("/reflect-credentials", OPENAI))
     assert resp.status == 200

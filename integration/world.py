@@ -52,7 +52,9 @@ HOST_OCTETS = {
     "public.test": 12,  # allowed, no credential
     "evil.test": 13,  # explicit deny rule
     "unlisted.test": 14,  # no rule: default deny
+    "wrongcert.test": 15,  # allowed, but its upstream's certificate does not name it (R4: must fail)
 }
+UNCERTIFIED_HOSTS = frozenset({"wrongcert.test"})
 DNS_OCTET = 53
 ROGUE_DNS_OCTET = 54
 TCP_CATCHALL_PORTS = (22, 80, 4444, 8080, 8443, 9090)
@@ -98,6 +100,7 @@ def proxy_config(secrets_dir: Path, ca_file: Path) -> dict[str, Any]:
                     ],
                 },
                 {"host": "public.test", "action": "allow"},
+                {"host": "wrongcert.test", "action": "allow"},
                 {"host": "evil.test", "action": "deny"},
             ],
         },
@@ -236,7 +239,7 @@ class World:
     # ---------------------------------------------------------------- building blocks
     def _make_pki(self) -> None:
         self.ca = trustme.CA(organization_name="BotBox throwaway test CA")
-        leaf = self.ca.issue_cert(*HOST_OCTETS)
+        leaf = self.ca.issue_cert(*(h for h in HOST_OCTETS if h not in UNCERTIFIED_HOSTS))
         self.ca.cert_pem.write_to_path(str(self.ca_file))
         leaf.private_key_and_cert_chain_pem.write_to_path(str(self.root / "pki" / "upstream.pem"))
         os.chmod(self.ca_file, 0o644)
