@@ -571,3 +571,36 @@ def test_bpf_connect4_program_reported_and_strict_fails(world: World) -> None:
                 break
             except OSError:
                 time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------------------------- netns helpers
+
+
+def _boom() -> None:
+    raise KeyError("inside")
+
+
+def _sleep_forever() -> None:
+    time.sleep(60)
+
+
+def test_netns_helpers_isolate_report_errors_and_clean_up() -> None:
+    with netns.namespace(prefix="bbnsh", ipv6=False) as a:
+        name = a.name
+        assert netns.exists(name) and not a.ipv6_enabled()
+        a.set_ipv6_enabled(True)
+        assert a.ipv6_enabled()
+        assert a.call(os.readlink, "/proc/self/ns/net") != os.readlink("/proc/self/ns/net")
+        with pytest.raises(netns.NetnsCallError) as ei:
+            a.call(_boom)
+        assert ei.value.remote_type == "KeyError" and "inside" in str(ei.value)
+        with pytest.raises(TimeoutError):
+            a.call(_sleep_forever, timeout=0.3)
+        sleeper = a.popen(["sleep", "60"])
+        with pytest.raises(FileExistsError):
+            netns.create_netns(name)
+    assert not netns.exists(name)
+    assert sleeper.poll() is not None  # processes started in the namespace were killed
+    assert len(netns.unique_name("bbveth")) <= 15
+    with pytest.raises(ValueError):
+        netns.unique_name("much-too-long-prefix")
