@@ -72,7 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="total seconds that may be spent redoing disturbed runs, default 240 (30 with --quick)",
     )
-    ap.add_argument("--skip", default="", help="comma list of phases to skip: onecore,sse,rss,intercept,w2")
+    ap.add_argument(
+        "--skip", default="", help="comma list of phases to skip: tlscheck,onecore,sse,rss,intercept,w2"
+    )
     ap.add_argument(
         "--profile",
         type=float,
@@ -185,6 +187,28 @@ class Bench:
                         e = e2
                 self.failed[name] = str(e)[-2000:]
                 log(f"{name}: FAILED to start: {str(e)[:500]}")
+
+    def tls_checks(self) -> None:
+        """Swap the origin for one with a wrong-name certificate, then one from an untrusted CA: every
+        proxy must refuse both (no 200 with the origin's body); then restore and re-verify."""
+        assert self.certs is not None and self.origin is not None
+        checks: dict[str, dict[str, str]] = {}
+        for variant in ("wrongname", "rogue"):
+            self.origin.stop()
+            self.origin = peers.start_origin(self.work, self.certs, variant)
+            for con in self.live.values():
+                if con.proc is None:
+                    continue  # direct: wrk does not verify, it is only the floor
+                ok, what = peers.refuses_bad_origin(con)
+                checks.setdefault(con.name, {})[variant] = ("refused " if ok else "ACCEPTED ") + what
+                if not ok:
+                    log(f"  {con.name} ACCEPTED a {variant} origin certificate")
+        self.origin.stop()
+        self.origin = peers.start_origin(self.work, self.certs)
+        for con in self.live.values():
+            peers.verify(con, self.certs)
+        self.extra["tls_checks"] = checks
+        log(f"  {checks}")
 
     def stop_all(self) -> None:
         for con in self.live.values():
@@ -463,6 +487,9 @@ class Bench:
         self.start_all()
         if not self.live:
             raise RuntimeError("no contender started")
+        if "tlscheck" not in self.skip:
+            log("negative controls: origin cert for another name / from an untrusted CA")
+            self.tls_checks()
         log("warm-up")
         self.warmup()
         log(f"{self.a.rounds} interleaved round(s) of {self.a.duration:g} s runs at c={self.concs}")

@@ -59,6 +59,22 @@ def make_certs(work: Path) -> Certs:
     with paths.cert.open("wb") as f:
         for blob in leaf.cert_chain_pems:
             f.write(blob.bytes())
+    # negative controls: a cert from the trusted CA for another name, and one for localhost from a CA
+    # nobody trusts; every contender must refuse both (proves hostname check + chain verification)
+    for stem, issuer, names in (
+        ("origin-wrongname", ca, ("not-localhost.invalid",)),
+        (
+            "origin-rogue",
+            trustme.CA(organization_name="Untrusted rogue CA"),
+            ("localhost", "127.0.0.1", "::1"),
+        ),
+    ):
+        bad = issuer.issue_cert(*names)
+        bad.private_key_pem.write_to_path(str(work / f"{stem}.key"))
+        (work / f"{stem}.key").chmod(0o600)
+        with (work / f"{stem}.pem").open("wb") as f:
+            for blob in bad.cert_chain_pems:
+                f.write(blob.bytes())
     icept = trustme.CA(organization_name="BotBox bench interception CA")
     icept.cert_pem.write_to_path(str(paths.icept_ca_cert))
     icept.private_key_pem.write_to_path(str(paths.icept_ca_key))
@@ -195,16 +211,22 @@ def _nginx_common(work: Path, name: str) -> str:
         """)
 
 
-def start_origin(work: Path, certs: Certs) -> Proc:
-    """nginx serving a ~200-byte JSON over TLS 1.3 with keep-alive; 401 without the injected header."""
+def start_origin(work: Path, certs: Certs, variant: str = "") -> Proc:
+    """nginx serving a ~200-byte JSON over TLS 1.3 with keep-alive; 401 without the injected header.
+    `variant` "wrongname"/"rogue" serves a certificate every contender must reject."""
+    cert, key = (
+        (certs.cert, certs.key)
+        if not variant
+        else (work / f"origin-{variant}.pem", work / f"origin-{variant}.key")
+    )
     conf = _nginx_common(work, "origin") + textwrap.dedent(f"""\
             map $http_authorization $bench_auth_ok {{ "Bearer {TOKEN}" 1; default 0; }}
             server {{
                 listen 127.0.0.1:{ORIGIN_PORT} ssl backlog=8192;
                 listen [::1]:{ORIGIN_PORT} ssl backlog=8192;
                 server_name localhost;
-                ssl_certificate {certs.cert};
-                ssl_certificate_key {certs.key};
+                ssl_certificate {cert};
+                ssl_certificate_key {key};
                 ssl_protocols TLSv1.3;
                 ssl_session_cache shared:SSL:10m;
                 location / {{
@@ -509,6 +531,15 @@ def start_botbox(
     if intercept_port is not None:
         wait_port(intercept_port, proc, timeout=10)
     return proc
+
+
+def refuses_bad_origin(contender: Contender) -> tuple[bool, str]:
+    """With a bad origin certificate in place: the contender must not deliver the origin's body."""
+    try:
+        status, body = http_get(contender.port, contender.host_header)
+    except OSError as e:
+        return True, f"connection error ({type(e).__name__})"
+    return (status != 200 and body != BODY.encode()), str(status)
 
 
 def verify(contender: Contender, certs: Certs) -> None:

@@ -92,6 +92,18 @@ def render(raw: dict[str, Any]) -> str:
             f"peers (CPU µs/req): {peers_txt}.\n"
         )
 
+    checks = raw.get("tls_checks")
+    if checks:
+        w(
+            "Upstream TLS verification, checked before measuring (origin swapped for a certificate the proxy "
+            "must reject; a 200 with the origin's body would be ACCEPTED):\n"
+        )
+        w("| contender | trusted CA, wrong hostname | right hostname, untrusted CA |")
+        w("|---|---|---|")
+        for n in _order(set(checks)):
+            w(f"| {n} | {checks[n].get('wrongname', '–')} | {checks[n].get('rogue', '–')} |")
+        w("")
+
     split_names = _order({n for (n, _, lay) in by if lay == "split"})
     concs = sorted({c for (_, c, lay) in by if lay == "split"})
     if split_names:
