@@ -93,9 +93,10 @@ def _build_rule(family: str, spec: dict[str, Any]) -> Any:
         name = spec["out_interface"]
         r.out_interface = name
         if family == "ipv6":
-            # python-iptables (1.2.0 and earlier) fills the IPv6 interface mask with 0x01 bytes instead of 0xff, so
-            # the kernel compares only the lowest bit of each character: "-o lo" then also matches e.g.
-            # "va0..." and the loopback RETURN/ACCEPT swallow real egress.  Set the mask iptables sets.
+            # python-iptables (1.2.0 and earlier) fills the IPv6 interface mask with 0x01 bytes instead
+            # of 0xff, so the kernel compares only the lowest bit of each character: "-o lo" then also
+            # matches e.g. "va0..." and the loopback RETURN/ACCEPT swallow real egress.  Set the mask
+            # iptables sets.
             n = len(name) + 1
             r.entry.ipv6.outiface_mask = b"\xff" * n + b"\x00" * (16 - n)
     proto = spec.get("protocol")
