@@ -300,6 +300,17 @@ def test_cli_plan_touches_nothing_and_prints_both_renderings(capsys: pytest.Capt
     assert "*nat" in out and "table inet botbox" in out and "ip6tables-restore" in out
 
 
+def test_cli_apply_dry_run_prints_plan_for_the_backend(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    def never(*_a: object, **_k: object) -> None:
+        raise AssertionError("--dry-run must not reach a backend")
+
+    monkeypatch.setattr(cli, "detect", never)
+    assert cli.run(["apply", "--dry-run", "--backend", "legacy", "--enable-ipv6", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "-I OUTPUT 1 -m comment" in out and "table inet" not in out
+
+
 def test_cli_plan_ipv6_off_warns_loudly(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.run(["plan", "--enable-ipv6", "0", "--format", "iptables"]) == 0
     cap = capsys.readouterr()
