@@ -20,6 +20,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,6 +33,7 @@ PROXY_UID = 1337
 UPSTREAM_NAMES = ("api.openai.test", "denied.test", "upstream.test")
 UPSTREAM_IPS = ("10.203.50.20", "fd00:203:50::20")
 DEFAULT_KEY = "sk-demo-0000-not-a-real-key"
+BOTBOX = "/opt/botbox/venv/bin/botbox"
 
 
 def _write(path: Path, data: bytes, mode: int, uid: int = 0) -> None:
@@ -117,12 +119,13 @@ def main(argv: list[str]) -> int:
     os.chmod(upstream_dir, 0o700)
 
     if not (ca_dir / "tls.key").exists():
-        key, cert = _ca("BotBox demo interception CA")
-        pem = cert.public_bytes(serialization.Encoding.PEM)
-        _write(ca_dir / "tls.crt", pem, 0o444, PROXY_UID)
-        _write(trust_dir / "botbox-ca.crt", pem, 0o444)
-        _write(ca_dir / "tls.key", _key_pem(key), 0o400, PROXY_UID)
-        print("setup: created the interception CA", flush=True)
+        # the product's own command, as users create their CA (writes tls.crt 0644, tls.key 0400)
+        subprocess.run([BOTBOX, "ca", "init", "--out", str(ca_dir), "--name", "BotBox demo interception CA"],
+                       check=True)
+        for name in ("tls.crt", "tls.key"):
+            os.chown(ca_dir / name, PROXY_UID, PROXY_UID)
+        _write(trust_dir / "botbox-ca.crt", (ca_dir / "tls.crt").read_bytes(), 0o444)
+        print("setup: created the interception CA (botbox ca init)", flush=True)
     if not (upstream_dir / "key.pem").exists():
         up_key, up_ca = _ca("BotBox demo upstream CA (stands in for the web PKI)")
         cert_pem, key_pem = _leaf(up_key, up_ca)
