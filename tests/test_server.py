@@ -177,3 +177,40 @@ def test_secret_rotation_and_removal_picked_up_without_restart(
         time.sleep(0.05)
     assert status == 500
     assert "sk-rotated-value" not in proxy.logs.text() and SECRET_VALUE not in proxy.logs.text()
+
+
+def test_kubernetes_data_symlink_swap_and_failed_reload_keep_last_known_good(
+    proxy_factory: StartProxy, base_config: dict[str, Any], upstream: TLSUpstream, tmp_path: Path
+) -> None:
+    """Secret volume layout (key -> ..data/key, ..data -> ..<timestamp>): an atomic ..data swap is picked
+    up without restart; a reload that fails (directory gone) is counted and keeps the last good value."""
+    vol = tmp_path / "k8s-secrets"
+    vol.mkdir()
+    (vol / "..2026_01").mkdir()
+    (vol / "..2026_01" / "api-key").write_text("sk-first\n")
+    os.symlink("..2026_01", vol / "..data")
+    os.symlink("..data/api-key", vol / "api-key")
+    base_config["secrets_dir"] = str(vol)
+    proxy = proxy_factory(base_config)
+    h = f"127.0.0.1:{upstream.port}"
+    assert proxy.exchange(get(h)).status == 200
+    assert upstream.last().values("Authorization") == [b"Bearer sk-first"]
+    (vol / "..2026_02").mkdir()
+    (vol / "..2026_02" / "api-key").write_text("sk-second\n")
+    os.symlink("..2026_02", vol / "..data_tmp")
+    os.replace(vol / "..data_tmp", vol / "..data")  # what kubelet does
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        proxy.exchange(get(h))
+        if upstream.last().values("Authorization") == [b"Bearer sk-second"]:
+            break
+        time.sleep(0.1)
+    assert upstream.last().values("Authorization") == [b"Bearer sk-second"]
+    # The whole volume disappears: reload fails, counted as error, last known-good values stay.
+    errors_before = proxy.metric("botbox_secrets_reload_total", result="error")
+    vol.rename(tmp_path / "gone")
+    assert not proxy.runtime.app.secrets.reload()  # type: ignore[union-attr]
+    proxy.runtime._on_secrets_reload(False)  # what the watcher reports for that failure
+    assert proxy.metric("botbox_secrets_reload_total", result="error") == errors_before + 1
+    assert proxy.exchange(get(h)).status == 200
+    assert upstream.last().values("Authorization") == [b"Bearer sk-second"]
