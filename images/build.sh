@@ -205,7 +205,7 @@ while [ "$#" -gt 0 ]; do
         --targets) TARGETS="${2:?--targets needs a list}"; shift ;;
         --network) NETWORK="${2:?--network needs a mode}"; shift ;;
         --python) PY="${2:?--python needs a path}"; shift ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
     shift
