@@ -188,7 +188,10 @@ class LegacyBackend:
         reqs = []
         for fp in plan.families:
             tables = [{"table": cp.table, "chain": cp.name, "jump": dataclasses.asdict(cp.jump),
-                       "rules": [dataclasses.asdict(r) for r in cp.rules]} for cp in fp.chains]
+                       "rules": [dataclasses.asdict(r) for r in cp.rules]}
+                      # filter before nat: on a fresh install the egress filter is never missing
+                      # while the redirect already works (fail closed in between)
+                      for cp in (fp.filter, fp.nat)]
             reqs.append({"op": "apply", "family": fp.family, "wait": self.wait_seconds, "tables": tables})
         # First every family checks that no foreign rule would be flushed, so a conflict in one family
         # never leaves the other half-applied.
