@@ -210,8 +210,10 @@ def _probe_redirect(family: Family, from_port: int, to_port: int, probe_uid: int
     try:
         lst = _listener(family, to_port)
     except OSError as e:
-        return [ProbeResult(family, name, False, f"cannot listen on {LOOPBACK[family]} port {to_port}: {e} "
-                                                 "(is the proxy already running? probe before it starts)")]
+        hint = {errno.EADDRINUSE: " (is the proxy already running? probe before it starts)",
+                errno.EADDRNOTAVAIL: " (no loopback address: is lo up?)"}.get(e.errno or 0, "")
+        return [ProbeResult(family, name, False,
+                            f"cannot listen on {LOOPBACK[family]} port {to_port}: {e.strerror}{hint}")]
     with lst:
         # Redirected: runs in a child so the parent can accept concurrently.
         r, w = os.pipe()
