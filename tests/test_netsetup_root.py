@@ -240,6 +240,7 @@ def test_no_window_while_reapplying(world: World, backend: str) -> None:
             time.sleep(0.3)
             control = json.loads(_finish(ham2))
         _finish(listener)
+    print(f"{backend}: attempts during 20 re-applies {results}, control without rules {control}")
     assert control.get("CONNECTED", 0) > 0, control
     assert accepted_during_apply == 0, results
     assert sum(results.values()) >= 40, results
