@@ -7,12 +7,14 @@ failed.  Credentials are shown as SHA-256 fingerprints only.  Uses its own addre
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from integration.upstream import fingerprint
 from integration.world import PROXY_UID, World, WorldError, WorldOptions, parse_response
@@ -52,7 +54,7 @@ def short(fp: str) -> str:
     return f"sha256:{fp[:12]}…"
 
 
-def blocked(world: World, op: str, match: dict[str, object], **args: object) -> Outcome:
+def blocked(world: World, op: str, match: dict[str, Any], **args: Any) -> Outcome:
     mark = world.hits_mark()
     res = world.app(op, **args)
     time.sleep(0.3)
@@ -119,12 +121,13 @@ def run_demo(world: World, demo: Demo) -> None:
     for fam, ip in ((4, ip4), (6, ip6)):
         demo.section(f"Bypass attempts over IPv{fam} (app uid 1000)")
         for port in (443, 22):
-            demo.check(f"TCP {ip} port {port}", lambda p=port, i=ip: blocked(
-                world, "tcp", {"kind": "tcp", "local_ip": i, "local_port": p}, host=i, port=p, timeout=2))
-        demo.check(f"UDP {ip} port 443 (QUIC)", lambda i=ip: blocked(
-            world, "udp", {"kind": "udp", "local_ip": i}, host=i, port=443, timeout=1))
-        demo.check(f"ICMP echo to {ip}", lambda i=ip, f=fam: blocked(
-            world, "ping", {"kind": "icmp", "family": f}, host=i, timeout=1))
+            demo.check(f"TCP {ip} port {port}", functools.partial(
+                blocked, world, "tcp", {"kind": "tcp", "local_ip": ip, "local_port": port},
+                host=ip, port=port, timeout=2))
+        demo.check(f"UDP {ip} port 443 (QUIC)", functools.partial(
+            blocked, world, "udp", {"kind": "udp", "local_ip": ip}, host=ip, port=443, timeout=1))
+        demo.check(f"ICMP echo to {ip}", functools.partial(
+            blocked, world, "ping", {"kind": "icmp", "family": fam}, host=ip, timeout=1))
 
     demo.section("DNS restricted to the configured resolver (BOTBOX_DNS_SERVERS)")
 

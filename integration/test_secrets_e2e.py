@@ -104,7 +104,7 @@ def test_rotation_is_used_by_the_next_request(world: World) -> None:
         fps = echo["headers"]["sha256"]["authorization"]
         assert len(fps) == 1 and fps[0] in (old_fp, new_fp), "neither the old nor the new credential"
         seen.append(fps[0])
-        return fps[0] == new_fp
+        return bool(fps[0] == new_fp)
 
     wait_until(rotated, "rotated credential upstream")
     # From the switch on, every request carries the new value (no flapping back to the old one).
