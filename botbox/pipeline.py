@@ -185,9 +185,10 @@ class _Reject(Exception):
 class _ClientGone(Exception):
     """The client connection failed or timed out while we were reading its request body."""
 
-    def __init__(self, why: str, *, malformed: bool = False) -> None:
+    def __init__(self, why: str, *, malformed: bool = False, timed_out: bool = False) -> None:
         super().__init__(why)
         self.malformed = malformed
+        self.timed_out = timed_out
 
 
 def _bad() -> _Reject:
@@ -555,7 +556,7 @@ async def _client_body(conn: _Conn, h: h11.Connection) -> AsyncIterator[bytes]:
             with anyio.fail_after(idle):
                 await stream.send(interim or b"")
         except (TimeoutError, *_CLIENT_IO_ERRORS) as exc:
-            raise _ClientGone(type(exc).__name__) from exc
+            raise _ClientGone(type(exc).__name__, timed_out=isinstance(exc, TimeoutError)) from exc
     while True:
         try:
             event = h.next_event()
@@ -568,7 +569,7 @@ async def _client_body(conn: _Conn, h: h11.Connection) -> AsyncIterator[bytes]:
             except anyio.EndOfStream:
                 data = b""
             except (TimeoutError, *_CLIENT_IO_ERRORS) as exc:
-                raise _ClientGone(type(exc).__name__) from exc
+                raise _ClientGone(type(exc).__name__, timed_out=isinstance(exc, TimeoutError)) from exc
             h.receive_data(data)
         elif isinstance(event, h11.Data):
             yield bytes(event.data)
@@ -667,6 +668,8 @@ async def _forward(conn: _Conn, req: _Request) -> bool:
         keep = await _relay_response(conn, req, response)
     except _ClientGone as exc:
         problem = f"client: {exc}"
+        if exc.timed_out:  # a stalled request body is cut off like a slowloris head, and counted
+            metrics.connections_rejected_total.labels(reason="timeout").inc()
         if exc.malformed:
             verdict = "bad_request"  # counted and logged like a malformed head (CONTRACT §5)
             if upstream_status is None:
@@ -676,6 +679,11 @@ async def _forward(conn: _Conn, req: _Request) -> bool:
         metrics.upstream_error(mhost, "timeout")
         if upstream_status is None:
             await conn.send_generated(_Reject(504, MSG_TIMEOUT, "allow"), head_only=req.head_only)
+    except TimeoutError:
+        # Only the client-side sends are bounded with fail_after (upstream timeouts are httpcore's
+        # own exceptions). Must precede _CONN_ERRORS: TimeoutError is an OSError subclass.
+        problem = "client send timeout"
+        metrics.connections_rejected_total.labels(reason="timeout").inc()  # a client that stopped reading
     except (*_CONN_ERRORS, h11.LocalProtocolError) as exc:
         # An upstream we cannot reach/verify, a broken connection, or a response we cannot relay
         # faithfully (body length differing from its Content-Length, 101 upgrade): fail closed.
@@ -683,8 +691,6 @@ async def _forward(conn: _Conn, req: _Request) -> bool:
         metrics.upstream_error(mhost, "connection_error")
         if upstream_status is None:
             await conn.send_generated(_Reject(502, MSG_BAD_GATEWAY, "allow"), head_only=req.head_only)
-    except TimeoutError:
-        problem = "client send timeout"
     finally:
         if response is not None:
             with anyio.CancelScope(shield=True), anyio.move_on_after(1.0), contextlib.suppress(Exception):
