@@ -29,13 +29,21 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def _sockaddr(host: str, port: int) -> tuple[Any, ...]:
+    """``(host, port)``, or the 4-tuple with a scope id for ``fe80::…%ifname`` link-local addresses."""
+    if "%" in host:
+        addr, ifname = host.split("%", 1)
+        return (addr, port, 0, socket.if_nametoindex(ifname))
+    return (host, port)
+
+
 def op_tcp(a: dict[str, Any]) -> dict[str, Any]:
     """Connect; optionally send bytes and read the answer until EOF/timeout."""
     host, port, timeout = a["host"], int(a["port"]), float(a.get("timeout", 2.0))
     s = socket.socket(_family(host), socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
-        s.connect((host, port))
+        s.connect(_sockaddr(host, port))
     except OSError as exc:
         s.close()
         return _err(exc)
@@ -65,12 +73,15 @@ def op_tcp(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def op_udp(a: dict[str, Any]) -> dict[str, Any]:
-    """Send a datagram (connected socket, so an ICMP error surfaces) and wait briefly for a reply."""
+    """Send a datagram (connected socket, so an ICMP error surfaces) and wait briefly for a reply.
+
+    ``"udplite": true`` uses UDP-Lite (IP protocol 136) instead of UDP.
+    """
     host, port = a["host"], int(a["port"])
-    s = socket.socket(_family(host), socket.SOCK_DGRAM)
+    s = socket.socket(_family(host), socket.SOCK_DGRAM, 136 if a.get("udplite") else 0)
     s.settimeout(float(a.get("timeout", 1.0)))
     try:
-        s.connect((host, port))
+        s.connect(_sockaddr(host, port))
         s.send(a.get("payload", "botbox-probe").encode())
         data = s.recv(4096)
         return {"ok": True, "reply": data.decode("latin-1")}

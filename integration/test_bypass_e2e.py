@@ -22,6 +22,8 @@ from integration.world import (
     ADMIN_PORT,
     PROXY_PORT,
     PROXY_UID,
+    UDPLITE_PORT,
+    WILDCARD_PORT,
     World,
     WorldOptions,
     parse_response,
@@ -115,6 +117,48 @@ def test_udp_is_rejected(world: World, family: int, port: int) -> None:
     match = {"kind": "udp", "local_ip": ip, "local_port": port}
     attempt_blocked(world, family, "udp", match, host=ip, port=port, payload="quic-initial", timeout=1)
     control_reaches(world, "udp", match, host=ip, port=port, timeout=1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_udplite_is_dropped(world: World, family: int) -> None:
+    """UDP-Lite (IP protocol 136) is open to unprivileged apps and is not matched by ``-p udp``."""
+    ip = world.host_ip("api.openai.test", family)
+    match = {"kind": "udplite", "local_ip": ip, "local_port": UDPLITE_PORT}
+    attempt_blocked(world, family, "udp", match, host=ip, port=UDPLITE_PORT, udplite=True, timeout=1)
+    control_reaches(world, "udp", match, host=ip, port=UDPLITE_PORT, udplite=True, timeout=1)
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_ipv6_link_local_is_blocked(world: World, proto: str) -> None:
+    """fe80::/10 on the pod's link: a hole for rules that only think about global addresses."""
+    target = world.inet_link_local()
+    match = {"kind": proto, "local_port": WILDCARD_PORT}
+    args: dict[str, Any] = {"host": target, "port": WILDCARD_PORT, "timeout": 1.5}
+    if proto == "tcp":
+        args["send"] = "hello"
+    attempt_blocked(world, 6, proto, match, **args)
+    control_reaches(world, proto, match, **args)
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_ipv4_mapped_ipv6_destination_is_blocked(world: World, proto: str) -> None:
+    """An AF_INET6 socket connecting to ``::ffff:a.b.c.d`` sends IPv4: the IPv4 rules must catch it."""
+    ip = world.host_ip("public.test")
+    match = {"kind": proto, "local_ip": ip, "local_port": 4444}
+    args: dict[str, Any] = {"host": f"::ffff:{ip}", "port": 4444, "timeout": 1.5}
+    if proto == "tcp":
+        args["send"] = "hello"
+    attempt_blocked(world, 4, proto, match, **args)
+    control_reaches(world, proto, match, **args)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gateway_address_is_blocked(world: World, family: int) -> None:
+    """Not only the upstreams' addresses: the next hop itself is just another destination."""
+    gw = world.v4(1) if family == 4 else world.v6(1)
+    match = {"kind": "tcp", "local_ip": gw, "local_port": WILDCARD_PORT}
+    attempt_blocked(world, family, "tcp", match, host=gw, port=WILDCARD_PORT, send="hello", timeout=1.5)
+    control_reaches(world, "tcp", match, host=gw, port=WILDCARD_PORT, send="hello", timeout=1.5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -85,6 +85,13 @@ class HitLog:
         self._fh.flush()
 
 
+IPPROTO_UDPLITE = 136
+
+
+def _fam(addr: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
 def _addr(sockname: Any) -> tuple[str, int]:
     return str(sockname[0]), int(sockname[1])
 
@@ -383,9 +390,10 @@ class CatchAllTcp:
 
 
 class CatchAllUdp(asyncio.DatagramProtocol):
-    def __init__(self, hits: HitLog, local: tuple[str, int]) -> None:
+    def __init__(self, hits: HitLog, local: tuple[str, int], kind: str = "udp") -> None:
         self.hits = hits
         self.local = local
+        self.kind = kind
         self.transport: Any = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -393,7 +401,8 @@ class CatchAllUdp(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         self.hits.write(
-            kind="udp", local_ip=self.local[0], local_port=self.local[1], peer=str(addr[0]), bytes=len(data)
+            kind=self.kind, local_ip=self.local[0], local_port=self.local[1], peer=str(addr[0]),
+            bytes=len(data),
         )
         if self.transport is not None:
             self.transport.sendto(b"catch-all", addr)
@@ -437,6 +446,31 @@ async def serve(spec: dict[str, Any]) -> None:
         for port in spec["udp_ports"]:
             transport, _ = await loop.create_datagram_endpoint(
                 functools.partial(CatchAllUdp, hits, (addr, port)), local_addr=(addr, port)
+            )
+            servers.append(transport)
+        for port in spec.get("udplite_ports", []):
+            # UDP-Lite (IP protocol 136) is not "-p udp": a classic hole in UDP-only filters.
+            sock = socket.socket(_fam(addr), socket.SOCK_DGRAM, IPPROTO_UDPLITE)
+            sock.bind((addr, port))
+            transport, _ = await loop.create_datagram_endpoint(
+                functools.partial(CatchAllUdp, hits, (addr, port), "udplite"), sock=sock
+            )
+            servers.append(transport)
+    for port in spec.get("wildcard_ports", []):
+        # TCP + UDP on every address of the namespace: the gateway, IPv6 link-local, ...
+        for fam, any_addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            tsock = socket.socket(fam, socket.SOCK_STREAM)
+            tsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if fam == socket.AF_INET6:
+                tsock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            tsock.bind((any_addr, port))
+            servers.append(await asyncio.start_server(catch_tcp, sock=tsock))
+            usock = socket.socket(fam, socket.SOCK_DGRAM)
+            if fam == socket.AF_INET6:
+                usock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            usock.bind((any_addr, port))
+            transport, _ = await loop.create_datagram_endpoint(
+                functools.partial(CatchAllUdp, hits, (any_addr, port)), sock=usock
             )
             servers.append(transport)
     for family, proto in ((socket.AF_INET, socket.IPPROTO_ICMP), (socket.AF_INET6, socket.IPPROTO_ICMPV6)):

@@ -59,6 +59,8 @@ DNS_OCTET = 53
 ROGUE_DNS_OCTET = 54
 TCP_CATCHALL_PORTS = (22, 80, 4444, 8080, 8443, 9090)
 UDP_CATCHALL_PORTS = (53, 123, 443, 4444, 5353)
+UDPLITE_PORT = 4444
+WILDCARD_PORT = 7777  # TCP + UDP on every internet-side address (gateway, link-local, ...)
 
 OPENAI_SECRET = "openai-api-key"
 ANTHROPIC_SECRET = "anthropic-api-key"
@@ -169,6 +171,18 @@ class World:
     @property
     def rogue_dns_v6(self) -> str:
         return self.v6(ROGUE_DNS_OCTET)
+
+    def inet_link_local(self) -> str:
+        """The internet side's IPv6 link-local address, scoped for use from the pod (``fe80::…%if``)."""
+        def usable(ns: str, ifname: str) -> str | None:
+            out = self.run(ns, ["ip", "-6", "-o", "addr", "show", "dev", ifname, "scope", "link"]).stdout
+            if not out or "tentative" in out:  # still in duplicate address detection
+                return None
+            return out.split()[3].split("/")[0]
+
+        _wait_for(lambda: usable(self.pod, self.pod_if) and usable(self.inet, self.inet_if),
+                  "IPv6 link-local addresses", 10)
+        return f"{usable(self.inet, self.inet_if)}%{self.pod_if}"
 
     @property
     def pod_v4(self) -> str:
@@ -305,6 +319,8 @@ class World:
             "catchall_addresses": https_addrs,
             "tcp_ports": list(TCP_CATCHALL_PORTS),
             "udp_ports": list(UDP_CATCHALL_PORTS),
+            "udplite_ports": [UDPLITE_PORT],
+            "wildcard_ports": [WILDCARD_PORT],
             "ready_file": str(self.root / "run" / "upstream.ready"),
         }
         spec_path = self.root / "etc" / "upstream.json"
