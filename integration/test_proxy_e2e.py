@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -343,3 +345,27 @@ def test_zz_no_secret_in_logs_metrics_or_hits(world: World) -> None:
     status = Path(f"/proc/{world.proxy.pid}/status").read_text()
     uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
     assert uid_line.split()[1:] == [str(PROXY_UID)] * 4
+
+
+def test_zzz_sigterm_drains_the_in_flight_stream_and_exits_zero(world: World) -> None:
+    """CONTRACT §1: SIGTERM stops accepting, lets in-flight requests finish (grace 2 s here), exits 0."""
+    assert world.proxy is not None
+    result: dict[str, Any] = {}
+
+    def stream() -> None:
+        try:
+            result["sse"] = world.app("sse", url=f"http://{OPENAI}/sse?n=4&interval_ms=300")
+        except Exception as exc:
+            result["error"] = exc
+
+    t = threading.Thread(target=stream)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not world.hits(0, kind="https", target="/sse?n=4&interval_ms=300") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    world.proxy.send_signal(signal.SIGTERM)
+    t.join(timeout=30)
+    assert "error" not in result, result
+    events = result["sse"]["events"]
+    assert [e["data"]["i"] for e in events] == [0, 1, 2, 3], "in-flight stream cut by shutdown"
+    assert world.proxy.wait(timeout=15) == 0

@@ -245,7 +245,9 @@ class World:
     def close(self) -> None:
         try:
             for _name, proc in reversed(self._procs):
-                _stop(proc)
+                # Keep stopping the rest on error; namespace teardown SIGKILLs any leftover anyway.
+                with contextlib.suppress(Exception):
+                    _stop(proc)
             self._procs.clear()
         finally:
             self._stack.close()
