@@ -273,6 +273,9 @@ def test_host_variants_canonicalise_to_the_rule(world: World, host_header: str) 
         "EVIL.TEST.",
         "api.openai.test..",
         "api.openai.test%2e",
+        "localhost",
+        "127.0.0.1:9090",  # the proxy's own admin listener
+        "[::1]:8080",
     ],
 )
 def test_host_tricks_never_reach_an_upstream(world: World, host_header: str) -> None:
@@ -280,6 +283,15 @@ def test_host_tricks_never_reach_an_upstream(world: World, host_header: str) -> 
     resp = raw_http(world, get("/echo", host_header))
     assert resp.status in (400, 403), resp
     assert world.hits(mark) == []
+
+
+def test_missing_host_is_rejected(world: World) -> None:
+    mark = world.hits_mark()
+    c0 = world.metric("botbox_requests_total", decision="denied_no_host")
+    resp = raw_http(world, "GET /echo HTTP/1.0\r\n\r\n")
+    assert (resp.status, resp.body) == (400, "missing host")
+    assert world.hits(mark) == []
+    assert world.metric("botbox_requests_total", decision="denied_no_host") == c0 + 1
 
 
 def test_duplicate_host_is_rejected(world: World) -> None:
