@@ -97,3 +97,23 @@ def test_run_exits_1_when_ca_files_are_missing(tmp_path: Path) -> None:
     res = botbox("run", "-c", str(_config(tmp_path, tmp_path / "nope.crt", tmp_path / "nope.key")))
     assert res.returncode == 1
     assert f"CA certificate file {tmp_path / 'nope.crt'}: file not found" in res.stderr
+
+
+def test_ca_check_uses_the_same_checks_as_run(tmp_path: Path) -> None:
+    assert botbox("ca", "init", "--out", str(tmp_path / "ca")).returncode == 0
+    crt, key = tmp_path / "ca" / "tls.crt", tmp_path / "ca" / "tls.key"
+    cfg = _config(tmp_path, crt, key)
+    res = botbox("ca", "check", "-c", str(cfg))
+    assert res.returncode == 0, res.stderr
+    assert "CN=BotBox Interception CA" in res.stdout and "is usable" in res.stdout
+    key.chmod(0o640)
+    res = botbox("ca", "check", "-c", str(cfg))
+    assert res.returncode == 1 and f"CA key file {key}: mode 0640" in res.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("https_interception: {enabled: true, cert_ttl_seconds: 5}\n")
+    res = botbox("ca", "check", "-c", str(bad))
+    assert res.returncode == 2 and "https_interception.cert_ttl_seconds" in res.stderr
+    off = tmp_path / "off.yaml"
+    off.write_text(f"secrets_dir: {tmp_path / 'secrets'}\n")
+    res = botbox("ca", "check", "-c", str(off))
+    assert res.returncode == 0 and "not enabled" in res.stdout

@@ -1,7 +1,8 @@
-"""``botbox ca init``: create an interception CA for users who do not have one.
+"""``botbox ca init`` (create an interception CA) and ``botbox ca check`` (validate the configured one).
 
-Wired into :mod:`botbox.cli` through ``add_parser(subparsers)``.  Exit codes: 0 written; 1 refused or
-failed (existing files are never overwritten); 2 bad arguments (argparse).
+Wired into :mod:`botbox.cli` through ``add_parser(subparsers)``.  Exit codes: ``init``: 0 written, 1
+refused or failed (existing files are never overwritten); ``check``: 0 usable, 1 unusable (same checks
+and messages as ``botbox run``), 2 invalid configuration; both: 2 bad arguments (argparse).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from botbox.tls.ca import CAError, generate_ca, write_ca
 
-__all__ = ["DEFAULT_CA_NAME", "DEFAULT_DAYS", "add_parser", "cmd_ca_init"]
+__all__ = ["DEFAULT_CA_NAME", "DEFAULT_DAYS", "add_parser", "cmd_ca_check", "cmd_ca_init"]
 
 DEFAULT_CA_NAME = "BotBox Interception CA"
 DEFAULT_DAYS = 365
@@ -69,6 +70,11 @@ def add_parser(subparsers: Any) -> None:
     init.add_argument("--name", type=_name, default=DEFAULT_CA_NAME,
                       help=f"CA common name (default {DEFAULT_CA_NAME!r})")
     init.set_defaults(handler=cmd_ca_init)
+    check = ca_sub.add_parser(
+        "check", help="load the CA named by a config exactly as `botbox run` would; exit 0 ok, 1 unusable"
+    )
+    check.add_argument("-c", "--config", default="/etc/botbox/config.yaml", help="config file")
+    check.set_defaults(handler=cmd_ca_check)
 
 
 def cmd_ca_init(args: argparse.Namespace) -> int:
@@ -78,13 +84,47 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
     except CAError as exc:
         print(f"botbox ca init: {exc}", file=sys.stderr)
         return 1
-    fp = cert.fingerprint(cert.signature_hash_algorithm or _sha256()).hex(":")
+    fp = cert.fingerprint(_sha256()).hex(":")
     print(f"wrote {crt_path} (public certificate, mode 0644)")
     print(f"wrote {key_path} (private key, mode 0400)")
     print(f"CA {cert.subject.rfc4514_string()}, valid until {cert.not_valid_after_utc.isoformat()}, "
           f"SHA-256 fingerprint {fp}")
     print()
     print(_NEXT_STEPS.format(crt=crt_path, key=key_path), end="")
+    return 0
+
+
+def cmd_ca_check(args: argparse.Namespace) -> int:
+    from botbox.config import ConfigError, load_config
+    from botbox.tls.ca import load_ca
+    from botbox.tls.issuer import LeafIssuer
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"botbox ca check: invalid configuration {args.config}:", file=sys.stderr)
+        for line in exc.errors or [str(exc)]:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    hi = cfg.https_interception
+    if hi is None or not hi.enabled:
+        print("https_interception is not enabled in this configuration; nothing to check")
+        return 0
+    try:
+        ca = load_ca(hi.ca_cert_path, hi.ca_key_path)
+        LeafIssuer(ca, hi.cert_ttl_seconds).issue("botbox-selftest.invalid")
+    except CAError as exc:
+        print(f"botbox ca check: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"botbox ca check: CA {hi.ca_cert_path}: cannot issue a test certificate "
+              f"({type(exc).__name__})", file=sys.stderr)
+        return 1
+    cert = ca.cert
+    fp = cert.fingerprint(_sha256()).hex(":")
+    print(f"CA {cert.subject.rfc4514_string()} ({hi.ca_cert_path}, key {hi.ca_key_path}) is usable")
+    print(f"valid {cert.not_valid_before_utc.isoformat()} .. {cert.not_valid_after_utc.isoformat()}, "
+          f"SHA-256 fingerprint {fp}")
     return 0
 
 
