@@ -114,7 +114,15 @@ def upstream_request_headers(
             try:
                 value = sv.fill(rw.parts)  # atomic snapshot w.r.t. a concurrent wipe
             except SecretWiped:
-                raise SecretUnavailable(ref, "was replaced while in use") from None
+                # A reload (worker thread) swapped the store and then wiped the value we held: the
+                # store already has the new one, so rotation never fails a request (S7).
+                sv = secrets.get(ref)
+                if sv is None:
+                    raise SecretUnavailable(ref, "is not available") from None
+                try:
+                    value = sv.fill(rw.parts)
+                except SecretWiped:
+                    raise SecretUnavailable(ref, "was replaced while in use") from None
             # The template is validated printable ASCII at config load, so anything unsafe in the
             # rendered value came from the secret.
             if len(value) == rw.static_len:
