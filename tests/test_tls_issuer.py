@@ -312,3 +312,27 @@ def test_bad_cache_parameters() -> None:
         CertCache(lambda h: None, max_size=0, ttl_seconds=1)  # type: ignore[arg-type, return-value]
     with pytest.raises(ValueError, match="ttl"):
         CertCache(lambda h: None, max_size=1, ttl_seconds=0)  # type: ignore[arg-type, return-value]
+
+
+def test_distinct_host_flood_is_shed_beyond_max_inflight(ca: CertificateAuthority) -> None:
+    calls, cache = _cache(ca, Metrics(), max_size=100, ttl_seconds=3600, delay=0.3, max_inflight=3)
+    outcomes: list[str] = []
+
+    async def one(i: int) -> None:
+        try:
+            await cache.get(f"flood{i}.example")
+            outcomes.append("ok")
+        except IssuanceError as exc:
+            assert "in flight" in str(exc)
+            outcomes.append("shed")
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            for i in range(6):
+                tg.start_soon(one, i)
+        # capacity is back once the flights land
+        await cache.get("after.example")
+
+    anyio.run(main)
+    assert sorted(outcomes) == ["ok"] * 3 + ["shed"] * 3
+    assert len(calls) == 4

@@ -5,8 +5,10 @@
   never later than a safety margin before the leaf's own ``notAfter`` (so a client whose clock runs a
   little fast never sees an expired leaf);
 * concurrent misses for one host share one issuance: the first caller signs (in a worker thread, the
-  event loop keeps serving), the others wait for its result.  A caller that is cancelled (handshake
-  timeout) does not cancel the issuance for the others: signing runs shielded and the result is cached.
+  event loop keeps serving), the others wait for its result.  At most ``max_inflight`` different hosts
+  are signed concurrently; a miss beyond that fails at once (load shedding under an SNI flood).
+* a caller that is cancelled (handshake timeout) does not cancel the issuance for the others: signing
+  runs shielded and the result is cached.
 
 Counting: every lookup counts ``cert_cache_total{result="hit"|"miss"}`` (a caller that waits on another
 caller's in-flight issuance counts as a miss: the cache did not have the certificate); every signing
@@ -52,6 +54,7 @@ class CertCache:
         on_issued: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        max_inflight: int = 8,
     ) -> None:
         if max_size < 1:
             raise ValueError("max_size must be >= 1")
@@ -60,6 +63,7 @@ class CertCache:
         self._issue = issue
         self.max_size = max_size
         self.ttl = float(ttl_seconds)
+        self.max_inflight = max_inflight
         self._on_lookup = on_lookup
         self._on_issued = on_issued
         self._clock = clock
@@ -109,6 +113,10 @@ class CertCache:
             if flight.leaf is None:
                 raise IssuanceError(flight.error or "certificate issuance failed")
             return flight.leaf
+        if len(self._inflight) >= self.max_inflight:
+            # Shed load instead of queueing: a flood of distinct SNIs must not occupy every worker
+            # thread (anyio's default pool also serves DNS lookups for upstream connections).
+            raise IssuanceError("too many certificate issuances in flight")
         flight = self._inflight[host] = _Flight()
         try:
             # Shielded: a cancelled first caller must not strand the callers waiting on this flight.
