@@ -204,3 +204,41 @@ print(json.dumps(out))
     from integration.upstream import pattern_digest
 
     assert res["upload"]["sha256"] == pattern_digest(size) and res["upload"]["bytes"] == size
+
+
+def test_interception_specific_refusals_over_redirected_443(world: World) -> None:
+    """No SNI (IP-literal URL) ends the handshake; absolute-form → 400; Host port ≠ 443 → 403."""
+    mark = world.hits_mark()
+    ip = world.host_ip(OPENAI)
+    code = f"""
+import json, socket, ssl
+ctx = ssl.create_default_context(cafile={ca_cert(world)!r})
+def raw(req):
+    with socket.create_connection(({ip!r}, 443), timeout=10) as s:
+        with ctx.wrap_socket(s, server_hostname={OPENAI!r}) as t:
+            t.sendall(req)
+            data = b""
+            while chunk := t.recv(65536):
+                data += chunk
+            return data.decode()
+out = {{}}
+try:
+    nosni = ssl.create_default_context(cafile={ca_cert(world)!r})
+    nosni.check_hostname = False
+    with socket.create_connection(({ip!r}, 443), timeout=10) as s, nosni.wrap_socket(s) as t:
+        out["nosni"] = "handshake completed?!"
+except ssl.SSLError as exc:
+    out["nosni"] = exc.reason
+out["absolute"] = raw(b"GET https://{OPENAI}/x HTTP/1.1\\r\\nHost: {OPENAI}\\r\\n"
+                      b"Connection: close\\r\\n\\r\\n")
+out["port"] = raw(b"GET / HTTP/1.1\\r\\nHost: {OPENAI}:8443\\r\\nConnection: close\\r\\n\\r\\n")
+print(json.dumps(out))
+"""
+    res = _python_as_app(world, code)
+    assert res["nosni"] == "TLSV1_UNRECOGNIZED_NAME"
+    absolute = parse_response(res["absolute"])
+    assert (absolute.status, absolute.body) == (
+        400, "absolute-form request not allowed on HTTPS interception listener")
+    port = parse_response(res["port"])
+    assert (port.status, port.body) == (403, "HTTPS interception listener only accepts port 443 traffic")
+    assert world.hits(mark) == []
