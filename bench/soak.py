@@ -207,10 +207,11 @@ def start_proxy(work: Path, config: dict[str, Any]) -> ProxyProcess:
     cfg.write_text(yaml.safe_dump(config))
     err = work / "proxy.stderr"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "botbox", "run", "--config", str(cfg)],
-        cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=err.open("wb"),
-    )
+    with err.open("wb") as err_fh:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "botbox", "run", "--config", str(cfg)],
+            cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=err_fh,
+        )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if proc.poll() is not None:
