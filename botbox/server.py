@@ -477,7 +477,12 @@ def run_workers(cfg: Config, config_path: str, logger: JsonLogger) -> int:
     import shutil
     import tempfile
 
-    mpdir = tempfile.mkdtemp(prefix="botbox-metrics-")
+    try:
+        mpdir = tempfile.mkdtemp(prefix="botbox-metrics-")
+    except OSError as exc:
+        logger.error("workers > 1 needs a writable temp dir for shared metrics (set TMPDIR, e.g. to an "  # noqa: TRY400
+                     "emptyDir mount)", error=exc.strerror or str(exc))
+        return 1
     try:
         return anyio.run(_supervise, cfg, config_path, logger, mpdir, backend="asyncio",
                          backend_options=_loop_options())
