@@ -170,6 +170,10 @@ class Harness:
         self.ctx_redirected = ConnectionContext(
             listener="http", peer="127.0.0.1:40001", orig_dst=("203.0.113.7", 80)
         )
+        self.ctx_intercept = ConnectionContext(
+            listener="https_interception", peer="127.0.0.1:40002", orig_dst=("203.0.113.7", 443),
+            sni=ALLOWED_HOST,
+        )
         self.loop = asyncio.new_event_loop()
 
     def run_one(self, data: bytes) -> None:
@@ -180,7 +184,8 @@ class Harness:
         # First byte picks delivery granularity and context, so the fuzzer explores split reads too.
         ctl, payload = data[0], data[1:]
         piece = (1, 3, 7, 64, 65536)[ctl % 5]
-        ctx = self.ctx_redirected if ctl & 0x80 else self.ctx_plain
+        # bit 7: redirected from port 80; bit 6: the interception listener (T4/T5 paths, SNI set)
+        ctx = self.ctx_intercept if ctl & 0x40 else self.ctx_redirected if ctl & 0x80 else self.ctx_plain
         stream = MemoryStream(payload, piece)
         self.upstream.hits.clear()
         self.log.seek(0)
@@ -279,7 +284,8 @@ def write_seeds(directory: Path = SEEDS_DIR) -> int:
     for name, raw in sorted(seed_inputs(allowed=ALLOWED_HOST.encode(), denied=b"denied.example").items()):
         if len(raw) > 4096:  # the huge cases (70 KB line, 10,000 headers) are covered end to end
             continue
-        for ctl in (0x04, 0x80):  # whole input at once (plain) and 1-byte pieces (redirected)
+        # whole input at once (plain), 1-byte pieces (redirected), 3-byte pieces (interception)
+        for ctl in (0x04, 0x80, 0x41):
             payload = bytes([ctl]) + raw
             digest = hashlib.sha1(payload, usedforsecurity=False).hexdigest()[:12]
             (directory / f"{name}-{ctl:02x}-{digest}").write_bytes(payload)
