@@ -376,3 +376,16 @@ def test_connection_refused_peer_closes_cleanly(proxy: RunningProxy) -> None:
         s.shutdown(socket.SHUT_WR)
         r = s.recv(1000)
     assert r.startswith(b"HTTP/1.1 400")
+
+
+def test_default_allow_admits_unknown_hosts_on_443_only(
+    proxy_factory: Any, base_config: dict[str, Any]
+) -> None:
+    """P4 through the runtime: an unknown host is forwarded on 443 (nothing listens on 127.0.0.3:443,
+    so 502 proves it was allowed and attempted) and refused on any other port."""
+    base_config["egress_policy"]["default_action"] = "allow"
+    proxy = proxy_factory(base_config)
+    assert proxy.exchange(get("127.0.0.3")).status == 502
+    assert proxy.exchange(get("127.0.0.3:8443")).status == 403
+    logs = proxy.request_logs(2)
+    assert logs[0]["rule"] == "default" and logs[0]["headers_rewritten"] == []
