@@ -214,3 +214,17 @@ def test_kubernetes_data_symlink_swap_and_failed_reload_keep_last_known_good(
     assert proxy.metric("botbox_secrets_reload_total", result="error") == errors_before + 1
     assert proxy.exchange(get(h)).status == 200
     assert upstream.last().values("Authorization") == [b"Bearer sk-second"]
+
+
+def test_header_timeout_applies_to_later_requests_on_keepalive(
+    proxy_factory: StartProxy, base_config: dict[str, Any], upstream: TLSUpstream
+) -> None:
+    base_config["request_header_timeout_seconds"] = 0.5
+    proxy = proxy_factory(base_config)
+    with proxy.connect() as s:
+        s.sendall(get(f"127.0.0.1:{upstream.port}"))
+        assert read_response(s).status == 200
+        time.sleep(0.7)  # idle between requests is bounded by the idle timeout, not the header timeout
+        s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1")  # ...but a started head must complete in time
+        assert is_closed(s, 3.0)
+    assert proxy.metric("botbox_connections_rejected_total", reason="timeout") == 1
