@@ -99,7 +99,8 @@ def test_tcp_80_to_upstream_ip_lands_at_the_proxy_not_the_internet(world: World,
     ip = world.host_ip("evil.test", family)
     mark = world.hits_mark()
     authority = ip if family == 4 else f"[{ip}]"
-    res = world.app("tcp", host=ip, port=80, send=f"GET / HTTP/1.1\r\nHost: {authority}\r\n\r\n", timeout=5)
+    request = f"GET / HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    res = world.app("tcp", host=ip, port=80, send=request, timeout=5)
     time.sleep(SETTLE)
     assert res["ok"], res
     resp = parse_response(res["response"])
