@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Literal
 import anyio
 import anyio.abc
 import h11
-import httpcore
 
 from botbox.hostname import InvalidHost, canonicalize_host, parse_authority
 from botbox.origdst import format_addr
@@ -39,6 +38,7 @@ from botbox.rewrite import (
     secret_usable,
     upstream_request_headers,
 )
+from botbox.upstream import UpstreamConnectError, UpstreamProtocolError, UpstreamResponse, UpstreamTimeout
 
 if TYPE_CHECKING:
     from botbox.config import Config
@@ -93,18 +93,8 @@ _REASONS = {
     504: b"Gateway Timeout",
 }
 
-_TIMEOUT_ERRORS = (httpcore.ConnectTimeout, httpcore.PoolTimeout, httpcore.ReadTimeout, httpcore.WriteTimeout)
-_CONN_ERRORS = (
-    httpcore.ConnectError,
-    httpcore.ReadError,
-    httpcore.WriteError,
-    httpcore.RemoteProtocolError,
-    httpcore.LocalProtocolError,
-    httpcore.NetworkError,
-    httpcore.ProtocolError,
-    httpcore.UnsupportedProtocol,
-    OSError,
-)
+_TIMEOUT_ERRORS = (UpstreamTimeout,)
+_CONN_ERRORS = (UpstreamConnectError, UpstreamProtocolError, OSError)
 _CLIENT_IO_ERRORS = (
     anyio.EndOfStream,
     anyio.BrokenResourceError,
@@ -579,7 +569,7 @@ async def _client_body(conn: _Conn, h: h11.Connection) -> AsyncIterator[bytes]:
             raise _ClientGone("client closed the connection mid-body")
 
 
-async def _relay_response(conn: _Conn, req: _Request, response: httpcore.Response) -> bool:
+async def _relay_response(conn: _Conn, req: _Request, response: UpstreamResponse) -> bool:
     """Send the upstream response to the client, streaming the body; True when keep-alive is possible."""
     h = req.h
     decision = req.decision
@@ -588,6 +578,10 @@ async def _relay_response(conn: _Conn, req: _Request, response: httpcore.Respons
     stream = conn.stream
     idle = conn.app.idle_timeout
     down_headers = downstream_response_headers(response.headers, decision)
+    if any(n.lower() == b"transfer-encoding" for n, _ in response.headers):
+        # RFC 9112 6.3: Transfer-Encoding overrides Content-Length. An upstream that sends both has a
+        # Content-Length that does not describe the (chunked) body we relay: never pass it on.
+        down_headers = [(n, v) for n, v in down_headers if n.lower() != b"content-length"]
     if conn.app.draining:
         down_headers.append((b"Connection", b"close"))
     reason = response.extensions.get("reason_phrase", b"")
@@ -597,9 +591,24 @@ async def _relay_response(conn: _Conn, req: _Request, response: httpcore.Respons
             headers=down_headers,
             reason=reason if isinstance(reason, bytes) else b"",
         )
-    )
+    ) or b""
+    # Coalesce: body bytes that arrived with the head go out in the same write (and, for a complete
+    # small response, the terminator too): one TLS record/syscall instead of three.
+    take = getattr(response, "take_buffered", None)
+    first = take() if take is not None else b""
+    if first:
+        out += h.send(h11.Data(data=first)) or b""
+    if getattr(response, "complete", False):
+        out += h.send(h11.EndOfMessage()) or b""
+        with anyio.fail_after(idle):
+            await stream.send(out)
+        if h.our_state is h11.DONE and h.their_state is h11.DONE:
+            h.start_next_cycle()
+            conn.buf = h.trailing_data[0]
+            return True
+        return False
     with anyio.fail_after(idle):
-        await stream.send(out or b"")
+        await stream.send(out)
     async for chunk in response.aiter_stream():
         if chunk:
             data = h.send(h11.Data(data=chunk))
@@ -649,7 +658,7 @@ async def _forward(conn: _Conn, req: _Request) -> bool:
     upstream_status: int | None = None
     problem: str | None = None
     verdict = "allow"
-    response: httpcore.Response | None = None
+    response: UpstreamResponse | None = None
     keep = False
     try:
         response = await app.upstream.send(
@@ -680,8 +689,8 @@ async def _forward(conn: _Conn, req: _Request) -> bool:
         if upstream_status is None:
             await conn.send_generated(_Reject(504, MSG_TIMEOUT, "allow"), head_only=req.head_only)
     except TimeoutError:
-        # Only the client-side sends are bounded with fail_after (upstream timeouts are httpcore's
-        # own exceptions). Must precede _CONN_ERRORS: TimeoutError is an OSError subclass.
+        # Only the client-side sends are bounded with fail_after (upstream timeouts are
+        # UpstreamTimeout). Must precede _CONN_ERRORS: TimeoutError is an OSError subclass.
         problem = "client send timeout"
         metrics.connections_rejected_total.labels(reason="timeout").inc()  # a client that stopped reading
     except (*_CONN_ERRORS, h11.LocalProtocolError) as exc:
@@ -693,7 +702,8 @@ async def _forward(conn: _Conn, req: _Request) -> bool:
             await conn.send_generated(_Reject(502, MSG_BAD_GATEWAY, "allow"), head_only=req.head_only)
     finally:
         if response is not None:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(1.0), contextlib.suppress(Exception):
+            # Never suspends (the pool's close is synchronous), so no shielded scope is needed.
+            with contextlib.suppress(Exception):
                 await response.aclose()
         duration = time.perf_counter() - req.t0
         metrics.request(mhost if verdict == "allow" else "_denied", verdict, duration)
