@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import signal
 import threading
 import time
@@ -282,6 +283,38 @@ def test_host_tricks_never_reach_an_upstream(world: World, host_header: str) -> 
     mark = world.hits_mark()
     resp = raw_http(world, get("/echo", host_header))
     assert resp.status in (400, 403), resp
+    assert world.hits(mark) == []
+
+
+def test_each_pipelined_request_is_decided_on_its_own(world: World) -> None:
+    """One client connection, three Hosts: the decision, the upstream and the key follow each request."""
+    mark = world.hits_mark()
+    request = (
+        get("/echo?n=1", "public.test").replace("Connection: close\r\n", "")
+        + get("/echo?n=2", OPENAI).replace("Connection: close\r\n", "")
+        + get("/echo?n=3", "evil.test")
+    )
+    res = world.app("tcp", host=world.host_ip("public.test"), port=80, send=request, timeout=10)
+    assert res["ok"], res
+    statuses = [int(code) for code in re.findall(r"HTTP/1\.1 (\d{3}) ", res["response"])]
+    assert statuses == [200, 200, 403], res["response"][:500]
+    hits = {h["target"]: h for h in https_hits(world, mark)}
+    assert set(hits) == {"/echo?n=1", "/echo?n=2"}
+    assert hits["/echo?n=1"]["sni"] == "public.test" and hits["/echo?n=1"]["credentials"] == {}
+    assert hits["/echo?n=2"]["sni"] == OPENAI
+    assert hits["/echo?n=2"]["credentials"]["authorization"] == [world.expected_fingerprint("authorization")]
+
+
+def test_ambiguous_framing_is_rejected_before_anything_is_forwarded(world: World) -> None:
+    """R5 end to end: Content-Length + Transfer-Encoding → 400, connection closed, upstream untouched."""
+    mark = world.hits_mark()
+    req = (f"POST /upload HTTP/1.1\r\nHost: {OPENAI}\r\nContent-Length: 5\r\n"
+           "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: evil.test\r\n\r\n")
+    res = world.app("tcp", host=world.host_ip(OPENAI), port=80, send=req, timeout=10)
+    assert res["ok"] and not res.get("read_timeout"), res  # the proxy closed the connection
+    resp = parse_response(res["response"])
+    assert (resp.status, resp.body) == (400, "bad request")
+    assert res["response"].count("HTTP/1.1 ") == 1
     assert world.hits(mark) == []
 
 
