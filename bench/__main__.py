@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--max-other-pct",
         type=float,
-        default=20.0,
+        default=25.0,
         help="redo a run when other processes used more than this %% of a core",
     )
     ap.add_argument("--max-retries", type=int, default=1)
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--redo-budget",
         type=float,
         default=None,
-        help="total seconds that may be spent redoing disturbed runs, default 240 (30 with --quick)",
+        help="total seconds that may be spent redoing disturbed runs, default 90 (30 with --quick)",
     )
     ap.add_argument(
         "--skip", default="", help="comma list of phases to skip: tlscheck,onecore,sse,rss,intercept,w2"
@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "warmup": 3.0,
             "idle": "1000,10000",
             "sse_n": 200,
-            "redo_budget": 240.0,
+            "redo_budget": 90.0,
         }
     )
     for k, v in defaults.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import shutil
 import signal
 import socket
 import ssl
@@ -518,14 +519,19 @@ def start_botbox(
     cfg = botbox_config(
         work, certs, port, workers=workers, intercept_port=intercept_port, metrics_port=metrics_port
     )
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
+    # run a snapshot of botbox/ taken at the start of the benchmark, so every BotBox start in one run
+    # (rounds, workers=2, RSS rows) measures the same code even while the checkout is being edited
+    src = work / "src"
+    if not (src / "botbox").exists():
+        shutil.copytree(REPO / "botbox", src / "botbox", ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(src), PYTHONDONTWRITEBYTECODE="1")
     proc = spawn(
         name,
         [str(PROJECT_PY), "-m", "botbox", "run", "--config", str(cfg)],
         work,
         cpus if cpus is not None else {CPU_PEER},
         env=env,
-        cwd=REPO,
+        cwd=src,  # `python -m` puts the cwd first on sys.path
     )
     wait_port(port, proc, timeout=30)
     if intercept_port is not None:
