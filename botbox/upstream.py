@@ -3,12 +3,22 @@
 - Trust: certifi's web PKI roots plus ``upstream_ca_file`` when configured (SECURITY-SPEC R4); TLS >= 1.2,
   hostname verification always on. There is no code path that opens a plaintext upstream connection.
 - The pool is keyed by (host, port) and shared across client connections, so keep-alive connections
-  are reused. It is our own (LIFO deque per key, no global lock, no per-request scan of every pooled
-  connection as ``httpcore.AsyncConnectionPool`` does, which dominated the CPU profile); each
-  connection is httpcore's ``AsyncHTTP11Connection`` on native asyncio transports (TLS in C on uvloop).
+  are reused: a LIFO deque of idle connections per key, no global lock, no per-request scan (the scan
+  of ``httpcore.AsyncConnectionPool`` dominated the CPU profile). Connections are native asyncio
+  transports (TLS in C on uvloop).
+- HTTP/1.1 is spoken here directly (no httpcore/h11 on this side: it was the largest remaining cost
+  per request). The request head is built from headers the client side already validated (h11 plus the
+  raw pre-check; rewritten values are checked for CR/LF/NUL) and written with one ``transport.write``.
+  The response head is parsed strictly (:func:`parse_response_head`): a bounded head, ``HTTP/1.0`` or
+  ``HTTP/1.1`` status line with a 3-digit code, token header names, no control characters, no
+  obs-fold, at most one ``Content-Length`` (digits only), ``Transfer-Encoding`` only exactly
+  ``chunked`` (with ``Content-Length`` too, chunked wins, Content-Length is dropped and the connection
+  is not reused: RFC 9112 §6.3); anything else is an
+  :class:`UpstreamProtocolError` (the pipeline answers 502). Bodies (Content-Length, chunked or
+  close-delimited) are relayed as they arrive, with flow control in both directions.
 - Timeouts: ``connect_timeout_seconds`` bounds TCP connect and the TLS handshake (each);
-  ``upstream_idle_timeout_seconds`` is used as httpcore's per-operation read/write timeout, i.e. it ends
-  a request only when no byte moves for that long (no total deadline: streams may be long).
+  ``upstream_idle_timeout_seconds`` bounds every wait for the upstream (a read or a write drain), i.e. it
+  ends a request only when no byte moves for that long (no total deadline: streams may be long).
 - Retries: a request with a body or a non-idempotent method is never replayed. Only a bodiless
   GET/HEAD/OPTIONS/TRACE that failed on a *reused* keep-alive connection before any response byte
   (the server closed it just as we sent) is retried once on a fresh connection.
@@ -19,18 +29,29 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
+import time
 from collections import deque
-from collections.abc import AsyncIterable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import anyio
 import certifi
-import httpcore
 
-__all__ = ["AsyncioBackend", "UpstreamPool", "build_ssl_context"]
+__all__ = [
+    "MAX_RESPONSE_HEAD_BYTES",
+    "ResponseHead",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamPool",
+    "UpstreamProtocolError",
+    "UpstreamResponse",
+    "UpstreamTimeout",
+    "build_ssl_context",
+    "parse_response_head",
+]
 
 
 def build_ssl_context(upstream_ca_file: str | Path | None) -> ssl.SSLContext:
@@ -52,13 +73,124 @@ def build_ssl_context(upstream_ca_file: str | Path | None) -> ssl.SSLContext:
     return ctx
 
 
-def _fire_timeout(fut: asyncio.Future[None], exc: type[Exception]) -> None:
-    if not fut.done():
-        fut.set_exception(exc())
+# -- errors ------------------------------------------------------------------------------------------
 
+
+class UpstreamError(Exception):
+    """Base of every upstream failure. Messages never contain header values or bodies."""
+
+
+class UpstreamConnectError(UpstreamError):
+    """TCP connect, TLS handshake/verification failed, or the connection broke (read/write error)."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """Connect/handshake exceeded ``connect_timeout``, or no byte moved for ``idle_timeout``."""
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream's response is malformed, ambiguous or not relayable (strict parse)."""
+
+
+# -- response head parsing (pure) ------------------------------------------------------------------
+
+MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+MAX_RESPONSE_HEADERS = 200
+_MAX_CHUNK_LINE = 4096
+_MAX_TRAILER_BYTES = 16 * 1024
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t \x21-\x7e\x80-\xff]*))?")
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+
+
+class ResponseHead:
+    """A parsed response head. ``length``: body length for Content-Length framing, else None;
+    ``chunked``: chunked framing; ``persistent``: HTTP version and ``Connection`` allow reuse;
+    ``keep_alive``: the connection may be reused after this response (persistent and self-delimited)."""
+
+    __slots__ = ("chunked", "headers", "keep_alive", "length", "persistent", "reason", "status")
+
+    def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                 length: int | None, *, chunked: bool, persistent: bool) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.length = length
+        self.chunked = chunked
+        self.persistent = persistent
+        # Without Content-Length or chunked framing the body runs until EOF: never reusable.
+        self.keep_alive = persistent and (chunked or length is not None)
+
+
+def parse_response_head(head: bytes) -> ResponseHead:
+    """Parse ``head`` (status line + header lines, without the final CRLFCRLF) strictly.
+
+    Raises :class:`UpstreamProtocolError` for anything a proxy cannot relay unambiguously.
+    """
+    if len(head) > MAX_RESPONSE_HEAD_BYTES:
+        raise UpstreamProtocolError("response head too large")
+    lines = head.split(b"\r\n")
+    m = _STATUS_LINE.fullmatch(lines[0])
+    if m is None:
+        raise UpstreamProtocolError("malformed status line")
+    http11 = m.group(1) == b"1"
+    status = int(m.group(2))
+    reason = m.group(3) or b""
+    if len(lines) - 1 > MAX_RESPONSE_HEADERS:
+        raise UpstreamProtocolError("too many response headers")
+    headers: list[tuple[bytes, bytes]] = []
+    length: int | None = None
+    te: bytes | None = None
+    close = not http11
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        # No obs-fold (leading SP/HTAB), no space before the colon, token names only.
+        if not sep or _TOKEN.fullmatch(name) is None:
+            raise UpstreamProtocolError("malformed response header line")
+        value = value.strip(b" \t")
+        if _BAD_VALUE.search(value) is not None:
+            raise UpstreamProtocolError("control character in response header")
+        lname = name.lower()
+        if lname == b"content-length":
+            if length is not None or _DIGITS.fullmatch(value) is None:
+                raise UpstreamProtocolError("invalid or duplicate Content-Length")
+            length = int(value)
+        elif lname == b"transfer-encoding":
+            if te is not None or value.lower() != b"chunked":
+                raise UpstreamProtocolError("unsupported Transfer-Encoding")
+            te = value
+        elif lname == b"connection":
+            tokens = [t.strip(b" \t").lower() for t in value.split(b",")]
+            if b"close" in tokens:
+                close = True
+            elif b"keep-alive" in tokens and not http11:
+                close = False
+        headers.append((name, value))
+    if te is not None and not http11:
+        raise UpstreamProtocolError("Transfer-Encoding in an HTTP/1.0 response")
+    if te is not None and length is not None:
+        # RFC 9112 §6.3: Transfer-Encoding overrides Content-Length; an intermediary that forwards
+        # such a message must drop Content-Length first. The message smells of response splitting,
+        # so the connection is never reused (whatever follows the chunked body is discarded with it).
+        headers = [(n, v) for n, v in headers if n.lower() != b"content-length"]
+        length = None
+        close = True
+    return ResponseHead(status, reason, headers, length, chunked=te is not None, persistent=not close)
+
+
+# -- transport ---------------------------------------------------------------------------------------
 
 _READ_HIGH_WATER = 256 * 1024  # pause reading from the upstream above this many buffered bytes
 _READ_LOW_WATER = 64 * 1024
+_IDEMPOTENT_NO_BODY = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+
+
+def _fire_timeout(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(UpstreamTimeout("upstream idle timeout"))
 
 
 class _Protocol(asyncio.Protocol):
@@ -84,7 +216,9 @@ class _Protocol(asyncio.Protocol):
         if len(self.buf) > _READ_HIGH_WATER and not self.reading_paused and self.transport is not None:
             self.transport.pause_reading()
             self.reading_paused = True
-        self._wake_reader()
+        reader = self.reader
+        if reader is not None and not reader.done():
+            reader.set_result(None)
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -112,183 +246,257 @@ class _Protocol(asyncio.Protocol):
             self.reader.set_result(None)
 
 
-class _AsyncioStream(httpcore.AsyncNetworkStream):
-    """httpcore stream over a native asyncio transport: with uvloop, TLS runs in C (no Python
-    MemoryBIO pump per read/write), and the idle-connection liveness check is a flag test instead of
-    a poll() syscall per pooled connection per request."""
+class _Connection:
+    """One verified TLS connection to an upstream, speaking HTTP/1.1."""
 
-    def __init__(self, transport: asyncio.Transport, protocol: _Protocol) -> None:
-        self._transport = transport
-        self._protocol = protocol
-        # After start_tls the protocol is driven by the TLS transport (connection_made is not called
-        # again): flow control must pause/resume that one, not the raw TCP transport underneath.
-        protocol.transport = transport
+    __slots__ = ("idle_since", "key", "proto", "transport")
 
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
-        proto = self._protocol
-        if not proto.buf and not proto.eof:
-            loop = asyncio.get_running_loop()
-            fut: asyncio.Future[None] = loop.create_future()
-            proto.reader = fut
-            handle = loop.call_later(timeout, _fire_timeout, fut, httpcore.ReadTimeout) if timeout else None
-            try:
-                await fut
-            finally:
-                proto.reader = None
-                if handle is not None:
-                    handle.cancel()
-        if proto.buf:
-            if len(proto.buf) <= max_bytes:
-                data = bytes(proto.buf)
-                proto.buf.clear()
-            else:
-                data = bytes(proto.buf[:max_bytes])
-                del proto.buf[:max_bytes]
-            if proto.reading_paused and len(proto.buf) < _READ_LOW_WATER and not proto.eof:
-                proto.reading_paused = False
-                self._transport.resume_reading()
-            return data
-        if proto.lost is not None:
-            raise httpcore.ReadError(str(proto.lost) or type(proto.lost).__name__)
-        return b""
+    def __init__(self, key: tuple[str, int], transport: asyncio.Transport, proto: _Protocol) -> None:
+        self.key = key
+        self.transport = transport
+        self.proto = proto
+        # After start_tls the protocol is driven by the TLS transport: flow control must pause/resume
+        # that one, not the raw TCP transport underneath.
+        proto.transport = transport
+        self.idle_since = 0.0
 
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        if not buffer:
+    def usable(self) -> bool:
+        """An idle pooled connection with pending bytes, EOF or a closing transport is unusable."""
+        p = self.proto
+        return not (p.buf or p.eof or self.transport.is_closing())
+
+    def close(self) -> None:
+        self.transport.close()
+
+    async def wait_readable(self, idle: float) -> None:
+        """Wait until bytes or EOF are available (the caller checked ``proto.buf`` is empty)."""
+        proto = self.proto
+        if proto.eof:
             return
-        transport = self._transport
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        proto.reader = fut
+        handle = loop.call_later(idle, _fire_timeout, fut)
+        try:
+            await fut
+        finally:
+            proto.reader = None
+            handle.cancel()
+
+    def resume_if_low(self) -> None:
+        proto = self.proto
+        if proto.reading_paused and len(proto.buf) < _READ_LOW_WATER and not proto.eof:
+            proto.reading_paused = False
+            self.transport.resume_reading()
+
+    async def write(self, data: bytes, idle: float) -> None:
+        transport = self.transport
         if transport.is_closing():
-            raise httpcore.WriteError("connection closed")
-        transport.write(buffer)
-        proto = self._protocol
+            raise UpstreamConnectError("upstream connection closed")
+        transport.write(data)
+        proto = self.proto
         if proto.paused:
             loop = asyncio.get_running_loop()
             fut: asyncio.Future[None] = loop.create_future()
             proto.drainer = fut
-            handle = loop.call_later(timeout, _fire_timeout, fut, httpcore.WriteTimeout) if timeout else None
+            handle = loop.call_later(idle, _fire_timeout, fut)
             try:
                 await fut
             finally:
                 proto.drainer = None
-                if handle is not None:
-                    handle.cancel()
-            if proto.lost is not None:
-                raise httpcore.WriteError(str(proto.lost) or type(proto.lost).__name__)
-
-    async def aclose(self) -> None:
-        self._transport.close()
-
-    async def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
-    ) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        try:
-            with anyio.fail_after(timeout):
-                tls_transport = await loop.start_tls(
-                    self._transport, self._protocol, ssl_context,
-                    server_side=False, server_hostname=server_hostname,
-                )
-        except TimeoutError as exc:
-            self._transport.abort()
-            raise httpcore.ConnectTimeout("TLS handshake timed out") from exc
-        except (OSError, ssl.SSLError, ConnectionError, RuntimeError) as exc:
-            self._transport.abort()
-            raise httpcore.ConnectError(f"TLS handshake failed: {type(exc).__name__}: {exc}") from exc
-        if tls_transport is None:  # pragma: no cover - only for a closed transport
-            raise httpcore.ConnectError("TLS handshake failed: transport closed")
-        return _AsyncioStream(tls_transport, self._protocol)
-
-    def get_extra_info(self, info: str) -> Any:
-        t = self._transport
-        if info == "is_readable":
-            # An idle pooled connection with pending bytes or EOF is unusable (server closed it).
-            return bool(self._protocol.buf) or self._protocol.eof or t.is_closing()
-        if info == "ssl_object":
-            return t.get_extra_info("ssl_object")
-        if info == "client_addr":
-            return t.get_extra_info("sockname")
-        if info == "server_addr":
-            return t.get_extra_info("peername")
-        if info == "socket":
-            return t.get_extra_info("socket")
-        return None
+                handle.cancel()
+            if proto.lost is not None or transport.is_closing():
+                raise UpstreamConnectError("upstream connection lost while sending")
 
 
-class AsyncioBackend(httpcore.AsyncNetworkBackend):
-    """httpcore network backend on native asyncio transports (requires the asyncio/uvloop loop)."""
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        protocol = _Protocol()
-        try:
-            with anyio.fail_after(timeout):
-                transport, _ = await loop.create_connection(
-                    lambda: protocol, host, port,
-                    local_addr=(local_address, 0) if local_address else None,
-                )
-        except TimeoutError as exc:
-            raise httpcore.ConnectTimeout(f"connect to {host}:{port} timed out") from exc
-        except OSError as exc:
-            raise httpcore.ConnectError(f"connect to {host}:{port} failed: {exc.strerror or exc}") from exc
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            for option in socket_options or ():
-                sock.setsockopt(*option)
-        return _AsyncioStream(transport, protocol)
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:  # pragma: no cover - never used: upstreams are TCP+TLS only
-        raise httpcore.ConnectError("unix sockets are not supported")
-
-    async def sleep(self, seconds: float) -> None:
-        await anyio.sleep(seconds)
+class _NoResponse(UpstreamConnectError):
+    """The connection closed before any response byte (a reused connection may be retried)."""
 
 
-_IDEMPOTENT_NO_BODY = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+class UpstreamResponse:
+    """A response whose head has arrived; the body is read with :meth:`aiter_stream` as it arrives.
 
+    Call :meth:`close` (or ``await aclose()``) when done: a connection whose response was read to
+    the end and is keep-alive goes back to the pool, any other is closed.
+    """
 
-class _ReleasingStream:
-    """Response body wrapper: closing it hands the connection back to the pool (or drops it)."""
+    __slots__ = ("_conn", "_done", "_left", "_pool", "_state", "_timeout", "head", "headers", "status")
 
-    __slots__ = ("_conn", "_inner", "_key", "_pool")
-
-    def __init__(self, inner: Any, pool: UpstreamPool, key: tuple[str, int],
-                 conn: httpcore.AsyncHTTP11Connection) -> None:
-        self._inner = inner
+    def __init__(self, pool: UpstreamPool | None, conn: _Connection | None, head: ResponseHead,
+                 *, no_body: bool, timeout: float) -> None:
         self._pool = pool
-        self._key = key
         self._conn = conn
+        self.head = head
+        self.status = head.status
+        self.headers = head.headers
+        self._timeout = timeout
+        # _state: 0 = Content-Length (``_left`` bytes remain), 1 = chunked, 2 = until EOF.
+        self._left = 0
+        if no_body:
+            self._state, self._done = 0, True
+        elif head.chunked:
+            self._state, self._done = 1, False
+        elif head.length is not None:
+            self._state, self._left, self._done = 0, head.length, head.length == 0
+        else:
+            self._state, self._done = 2, False
 
-    def __aiter__(self) -> Any:
-        return self._inner.__aiter__()
+    @property
+    def reason(self) -> bytes:
+        return self.head.reason
+
+    @property
+    def extensions(self) -> dict[str, object]:  # httpcore-compatible view for callers/tests
+        return {"reason_phrase": self.head.reason}
+
+    @property
+    def complete(self) -> bool:
+        """The whole body has been handed out (nothing more to read)."""
+        return self._done
+
+    def take_buffered(self) -> bytes:
+        """Body bytes already received, without waiting (b"" when none); for write coalescing."""
+        conn = self._conn
+        if self._done or conn is None or self._state != 0:
+            return b""
+        buf = conn.proto.buf
+        if not buf:
+            return b""
+        n = min(len(buf), self._left)
+        data = bytes(buf[:n]) if n < len(buf) else bytes(buf)
+        del buf[:n]
+        self._left -= n
+        if self._left == 0:
+            self._done = True
+        conn.resume_if_low()
+        return data
+
+    async def aiter_stream(self) -> AsyncIterator[bytes]:
+        conn = self._conn
+        if conn is None:
+            return
+        proto = conn.proto
+        buf = proto.buf
+        timeout = self._timeout
+        if self._state == 0:
+            while not self._done:
+                if not buf:
+                    await conn.wait_readable(timeout)
+                    if not buf:
+                        raise UpstreamConnectError("upstream closed the connection mid-body")
+                n = min(len(buf), self._left)
+                if n == len(buf):
+                    data = bytes(buf)
+                    buf.clear()
+                else:
+                    data = bytes(buf[:n])
+                    del buf[:n]
+                self._left -= n
+                if self._left == 0:
+                    self._done = True
+                conn.resume_if_low()
+                yield data
+        elif self._state == 2:
+            while True:
+                if not buf:
+                    await conn.wait_readable(timeout)
+                    if not buf:
+                        if proto.lost is not None:
+                            raise UpstreamConnectError("upstream connection broke mid-body")
+                        self._done = True
+                        return
+                data = bytes(buf)
+                buf.clear()
+                conn.resume_if_low()
+                yield data
+        else:
+            async for data in self._chunked(conn, buf, timeout):
+                yield data
+
+    async def _chunked(self, conn: _Connection, buf: bytearray, idle: float) -> AsyncIterator[bytes]:
+        async def need(pred_len: int) -> None:
+            # Wait for more bytes (the buffer holds fewer than the parser needs).
+            await conn.wait_readable(idle)
+            if len(buf) <= pred_len:
+                raise UpstreamConnectError("upstream closed the connection mid-body")
+
+        while True:
+            # chunk-size line
+            while True:
+                i = buf.find(b"\r\n")
+                if i != -1:
+                    break
+                if len(buf) > _MAX_CHUNK_LINE:
+                    raise UpstreamProtocolError("chunk size line too long")
+                await need(len(buf))
+            if i > _MAX_CHUNK_LINE:
+                raise UpstreamProtocolError("chunk size line too long")
+            line = bytes(buf[:i])
+            size_part = line.split(b";", 1)[0].rstrip(b" \t")
+            if _HEX.fullmatch(size_part) is None or _BAD_VALUE.search(line) is not None:
+                raise UpstreamProtocolError("malformed chunk size")
+            size = int(size_part, 16)
+            del buf[: i + 2]
+            if size == 0:
+                break
+            left = size
+            while left:
+                if not buf:
+                    await need(0)
+                n = min(left, len(buf))
+                if n == len(buf):
+                    data = bytes(buf)
+                    buf.clear()
+                else:
+                    data = bytes(buf[:n])
+                    del buf[:n]
+                left -= n
+                conn.resume_if_low()
+                yield data
+            while len(buf) < 2:
+                await need(len(buf))
+            if buf[:2] != b"\r\n":
+                raise UpstreamProtocolError("missing CRLF after chunk data")
+            del buf[:2]
+        # Trailers (dropped: never relayed) up to the empty line.
+        while True:
+            if buf[:2] == b"\r\n":
+                del buf[:2]
+                break
+            i = buf.find(b"\r\n\r\n")
+            if i != -1:
+                trailer = bytes(buf[:i])
+                del buf[: i + 4]
+                if _BAD_VALUE.search(trailer.replace(b"\r\n", b"")) is not None:
+                    raise UpstreamProtocolError("malformed trailer")
+                break
+            if len(buf) > _MAX_TRAILER_BYTES:
+                raise UpstreamProtocolError("trailers too large")
+            await need(len(buf))
+        self._done = True
+        conn.resume_if_low()
+
+    def close(self) -> None:
+        """Return the connection to the pool (complete keep-alive response) or close it."""
+        conn = self._conn
+        if conn is None:
+            return
+        self._conn = None
+        pool = self._pool
+        if self._done and self.head.keep_alive and pool is not None and not conn.proto.buf:
+            pool._release(conn)
+        else:
+            conn.close()
 
     async def aclose(self) -> None:
-        try:
-            await self._inner.aclose()  # idle again if the response was complete and keep-alive
-        finally:
-            await self._pool._release(self._key, self._conn)
+        self.close()
 
 
 class UpstreamPool:
     """Keep-alive pool of verified TLS HTTP/1.1 connections, keyed by (host, port).
 
     A deliberately small pool (no global lock, no scan): a LIFO deque of idle connections per key.
-    Taking a connection checks only that one (expired or EOF/data pending → dropped). Each connection
-    is httpcore's ``AsyncHTTP11Connection`` (h11 inside) on :class:`AsyncioBackend` streams.
+    Taking a connection checks only that one (expired or EOF/data pending → dropped).
     """
 
     def __init__(
@@ -303,57 +511,74 @@ class UpstreamPool:
         self._ssl_context = ssl_context
         ssl_context.set_alpn_protocols(["http/1.1"])
         self._connect_timeout = connect_timeout
-        self._extensions: dict[str, object] = {
-            "timeout": {"connect": connect_timeout, "pool": connect_timeout,
-                        "read": idle_timeout, "write": idle_timeout},
-        }
+        self._idle_timeout = idle_timeout
         self._max_idle = max_connections
         self._keepalive_expiry = keepalive_expiry
-        self._backend = AsyncioBackend()
-        self._idle: dict[tuple[str, int], deque[httpcore.AsyncHTTP11Connection]] = {}
+        self._idle: dict[tuple[str, int], deque[_Connection]] = {}
         self._closed = False
         self.connections_opened = 0
 
-    async def _connect(self, host: str, port: int) -> httpcore.AsyncHTTP11Connection:
-        # Both steps raise httpcore ConnectError/ConnectTimeout.
-        stream = await self._backend.connect_tcp(host, port, timeout=self._connect_timeout)
+    async def _connect(self, host: str, port: int) -> _Connection:
+        loop = asyncio.get_running_loop()
+        protocol = _Protocol()
+        timeout = self._connect_timeout
         try:
-            stream = await stream.start_tls(self._ssl_context, server_hostname=host,
-                                            timeout=self._connect_timeout)
+            with anyio.fail_after(timeout):
+                transport, _ = await loop.create_connection(lambda: protocol, host, port)
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"connect to {host}:{port} timed out") from exc
+        except OSError as exc:
+            raise UpstreamConnectError(f"connect to {host}:{port} failed: {exc.strerror or exc}") from exc
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            with anyio.fail_after(timeout):
+                tls_transport = await loop.start_tls(
+                    transport, protocol, self._ssl_context, server_side=False, server_hostname=host,
+                )
+        except TimeoutError as exc:
+            transport.abort()
+            raise UpstreamTimeout("TLS handshake timed out") from exc
+        except (OSError, ssl.SSLError, ConnectionError, RuntimeError) as exc:
+            transport.abort()
+            raise UpstreamConnectError(f"TLS handshake failed: {type(exc).__name__}: {exc}") from exc
         except BaseException:
-            await stream.aclose()
+            transport.abort()
             raise
+        if tls_transport is None:  # pragma: no cover - only for a closed transport
+            transport.abort()
+            raise UpstreamConnectError("TLS handshake failed: transport closed")
         self.connections_opened += 1
-        origin = httpcore.Origin(b"https", host.encode("ascii"), port)
-        return httpcore.AsyncHTTP11Connection(origin, stream, keepalive_expiry=self._keepalive_expiry)
+        return _Connection((host, port), tls_transport, protocol)
 
-    def _take_idle(self, key: tuple[str, int]) -> httpcore.AsyncHTTP11Connection | None:
+    def _take_idle(self, key: tuple[str, int]) -> _Connection | None:
         idle = self._idle.get(key)
+        if not idle:
+            return None
+        now = time.monotonic()
+        expiry = self._keepalive_expiry
         while idle:
             conn = idle.pop()
-            if conn.is_idle() and not conn.has_expired():
+            if conn.usable() and now - conn.idle_since < expiry:
                 return conn
-            self._discard(conn)
+            conn.close()
         return None
 
-    @staticmethod
-    def _discard(conn: httpcore.AsyncHTTP11Connection) -> None:
-        # Closing a native transport is synchronous underneath; no need to await anything.
-        stream = conn._network_stream
-        if isinstance(stream, _AsyncioStream):
-            stream._transport.close()
-
-    async def _release(self, key: tuple[str, int], conn: httpcore.AsyncHTTP11Connection) -> None:
-        if self._closed or not conn.is_idle() or conn.has_expired():
-            if not conn.is_closed():
-                await conn.aclose()
+    def _release(self, conn: _Connection) -> None:
+        if self._closed or not conn.usable():
+            conn.close()
             return
+        key = conn.key
         idle = self._idle.get(key)
         if idle is None:
             idle = self._idle[key] = deque()
+        now = time.monotonic()
+        conn.idle_since = now
+        expiry = self._keepalive_expiry
         # Drop the oldest idle connections beyond the cap or past their keep-alive expiry.
-        while idle and (len(idle) >= self._max_idle or idle[0].has_expired()):
-            self._discard(idle.popleft())
+        while idle and (len(idle) >= self._max_idle or now - idle[0].idle_since >= expiry):
+            idle.popleft().close()
         idle.append(conn)
 
     async def send(
@@ -365,47 +590,95 @@ class UpstreamPool:
         target: bytes,
         headers: Sequence[tuple[bytes, bytes]],
         body: AsyncIterable[bytes] | None,
-    ) -> httpcore.Response:
-        """Send one request over TLS to ``host:port`` and return once response headers arrived.
+    ) -> UpstreamResponse:
+        """Send one request over TLS to ``host:port`` and return once the response head arrived.
 
-        The caller must ``await response.aclose()`` (returns the connection to the pool). httpcore
-        exceptions propagate: ``ConnectTimeout``/``ReadTimeout``/``WriteTimeout`` (timeouts) and
-        ``ConnectError``/``ReadError``/``WriteError``/``RemoteProtocolError`` (connection failures).
-        Only a bodiless idempotent request that failed on a *reused* connection before any response
-        byte is retried, once, on a fresh connection (the keep-alive close race); nothing else ever is.
+        ``headers`` must already be valid (the client side validated them) and carry the framing
+        (``Content-Length`` or ``Transfer-Encoding: chunked``) when ``body`` is given. The caller must
+        ``close()`` the response. Raises :class:`UpstreamTimeout`, :class:`UpstreamConnectError`,
+        :class:`UpstreamProtocolError`. Only a bodiless idempotent request that failed on a *reused*
+        connection before any response byte is retried, once, on a fresh connection.
         """
         if self._closed:
-            raise httpcore.ConnectError("upstream pool closed")
+            raise UpstreamConnectError("upstream pool closed")
         key = (host, port)
-        url = httpcore.URL(scheme=b"https", host=host.encode("ascii"), port=port, target=target)
-        request = httpcore.Request(
-            method=method,
-            url=url,
-            headers=list(headers),
-            content=body if body is not None else b"",
-            extensions=self._extensions,
-        )
+        chunked = False
+        parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+            if len(name) == 17 and name.lower() == b"transfer-encoding":
+                chunked = True
+        parts.append(b"\r\n")
+        head = b"".join(parts)
         conn = self._take_idle(key)
         reused = conn is not None
         if conn is None:
             conn = await self._connect(host, port)
         try:
-            response = await conn.handle_async_request(request)
-        except (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError):
-            await conn.aclose()
+            return await self._exchange(conn, method, head, body, chunked)
+        except _NoResponse:
+            conn.close()
             if not (reused and body is None and method in _IDEMPOTENT_NO_BODY):
                 raise
-            conn = await self._connect(host, port)
-            try:
-                response = await conn.handle_async_request(request)
-            except BaseException:
-                await conn.aclose()
-                raise
         except BaseException:
-            await conn.aclose()
+            conn.close()
             raise
-        response.stream = _ReleasingStream(response.stream, self, key, conn)
-        return response
+        conn = await self._connect(host, port)
+        try:
+            return await self._exchange(conn, method, head, None, False)
+        except BaseException:
+            conn.close()
+            raise
+
+    async def _exchange(self, conn: _Connection, method: bytes, head: bytes,
+                        body: AsyncIterable[bytes] | None, chunked: bool) -> UpstreamResponse:
+        timeout = self._idle_timeout
+        proto = conn.proto
+        if body is None:
+            await conn.write(head, timeout)
+        else:
+            # The head goes out with the first body chunk (one TLS record, one syscall).
+            pending = head
+            async for chunk in body:
+                if not chunk:
+                    continue
+                if chunked:
+                    data = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+                    await conn.write(pending + data if pending else data, timeout)
+                else:
+                    await conn.write(pending + chunk if pending else chunk, timeout)
+                pending = b""
+            end = b"0\r\n\r\n" if chunked else b""
+            if pending or end:
+                await conn.write(pending + end, timeout)
+        buf = proto.buf
+        while True:
+            start = 0
+            while True:
+                i = buf.find(b"\r\n\r\n", start)
+                if i != -1:
+                    break
+                if len(buf) > MAX_RESPONSE_HEAD_BYTES:
+                    raise UpstreamProtocolError("response head too large")
+                start = max(0, len(buf) - 3)
+                before = len(buf)
+                await conn.wait_readable(timeout)
+                if len(buf) == before:
+                    if before == 0:
+                        raise _NoResponse("upstream closed the connection before responding")
+                    raise UpstreamConnectError("upstream closed the connection mid-head")
+            raw = bytes(buf[:i])
+            del buf[: i + 4]
+            rhead = parse_response_head(raw)
+            status = rhead.status
+            if status < 200:
+                if status == 101:
+                    raise UpstreamProtocolError("protocol upgrade is not supported")
+                continue  # interim (100 Continue, 103 Early Hints): wait for the final response
+            no_body = method == b"HEAD" or status in (204, 304)
+            if no_body:
+                rhead.keep_alive = rhead.persistent  # no body follows whatever the framing says
+            return UpstreamResponse(self, conn, rhead, no_body=no_body, timeout=timeout)
 
     @property
     def connection_count(self) -> int:
@@ -415,5 +688,6 @@ class UpstreamPool:
         self._closed = True
         for idle in self._idle.values():
             while idle:
-                await idle.pop().aclose()
+                idle.pop().close()
         self._idle.clear()
+
