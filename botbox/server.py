@@ -23,6 +23,7 @@ and calls ``serve_connection(tls_stream, dataclasses.replace(ctx, sni=...), app)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
@@ -39,6 +40,7 @@ from anyio.abc import SocketAttribute
 
 from botbox.admin import AdminHandler
 from botbox.config import Config, startup_warnings
+from botbox.fastio import FastStream
 from botbox.logs import JsonLogger
 from botbox.metrics import Metrics
 from botbox.origdst import format_addr, original_dst
@@ -228,8 +230,7 @@ class Server:
                 async with anyio.create_task_group() as accept_tg:
                     for spec in self._specs:
                         for sock in spec.sockets:
-                            listener = await anyio.abc.SocketListener.from_socket(sock)
-                            accept_tg.start_soon(self._accept_loop, listener, spec)
+                            accept_tg.start_soon(self._accept_loop, sock, spec)
                     if self._admin is not None:
                         for sock in self._admin_socks:
                             listener = await anyio.abc.SocketListener.from_socket(sock)
@@ -237,16 +238,32 @@ class Server:
                     task_status.started()
             # Accepting stopped; connection tasks (children of ``tg``) drain on their own.
 
-    async def _accept_loop(self, listener: anyio.abc.SocketListener, spec: _ListenerSpec) -> None:
-        async with listener:
+    async def _accept_loop(self, sock: socket.socket, spec: _ListenerSpec) -> None:
+        # Accepted connections are served on FastStream (native transport; see botbox/fastio.py).
+        loop = asyncio.get_running_loop()
+        try:
             while True:
                 try:
-                    stream = await listener.accept()
+                    conn, remote = await loop.sock_accept(sock)
                 except OSError as exc:  # EMFILE and friends: back off, never spin
                     self.logger.error("accept failed", listener=spec.name, error=exc.strerror)  # noqa: TRY400
                     await anyio.sleep(0.1)
                     continue
-                self._tg.start_soon(self._handle, stream, spec)
+                self._tg.start_soon(self._handle_accepted, conn, remote, spec)
+        finally:
+            sock.close()  # draining: new connections are refused from now on
+
+    async def _handle_accepted(self, conn: socket.socket, remote: Any, spec: _ListenerSpec) -> None:
+        if self._active >= self.max_connections or self.app.draining:
+            if not self.app.draining:
+                self._rejected_max.inc()
+            conn.close()
+            return
+        try:
+            stream = await FastStream.from_accepted(conn, remote)
+        except OSError:
+            return  # the client went away between accept and setup
+        await self._handle(stream, spec)
 
     async def _admin_loop(self, listener: anyio.abc.SocketListener, handler: AdminHandler) -> None:
         async with listener:
