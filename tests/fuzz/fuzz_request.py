@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import shutil
 import sys
 import tempfile
 from collections.abc import AsyncIterable, Sequence
@@ -130,11 +131,13 @@ class Harness:
         from botbox.policy import Policy
         from botbox.secrets import SecretStore
 
-        self._tmp = tempfile.TemporaryDirectory(prefix="botbox-fuzz-")
-        (Path(self._tmp.name) / "key").write_bytes(SECRET + b"\n")
+        # libFuzzer leaves through C exit(), which skips Python finalizers: the directory is removed
+        # right after the store has loaded (values stay in memory), not at exit.
+        tmp = tempfile.mkdtemp(prefix="botbox-fuzz-")
+        (Path(tmp) / "key").write_bytes(SECRET + b"\n")
         cfg = parse_config(
             {
-                "secrets_dir": self._tmp.name,
+                "secrets_dir": tmp,
                 "request_header_timeout_seconds": 5,
                 "upstream_idle_timeout_seconds": 5,
                 "egress_policy": {
@@ -153,9 +156,12 @@ class Harness:
                 },
             }
         )
-        store = SecretStore(Path(self._tmp.name))
-        if not store.reload():
-            raise RuntimeError("fuzz harness: secret store did not load")
+        try:
+            store = SecretStore(Path(tmp))
+            if not store.reload():
+                raise RuntimeError("fuzz harness: secret store did not load")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         self.log = io.StringIO()
         self.upstream = FakeUpstream()
         self.app = ProxyApp(
