@@ -548,15 +548,7 @@ def main(argv: list[str] | None = None) -> int:
             check=False,
         ).stdout.strip(),
     }
-    meta["botbox_tree_dirty"] = bool(
-        subprocess.run(
-            ["git", "status", "--porcelain", "botbox"],
-            capture_output=True,
-            text=True,
-            cwd=HERE.parent,
-            check=False,
-        ).stdout.strip()
-    )
+    meta["botbox_code"] = peers.snapshot_botbox(work / "src")
     ns = PrivateNetns()
     bench: Bench | None = None
     rc = 0

@@ -505,6 +505,24 @@ def botbox_config(
     return path
 
 
+def snapshot_botbox(src: Path) -> str:
+    """Extract the *committed* botbox/ of HEAD (half-saved edits in the checkout are not measured);
+    without git, copy the working tree. Returns what was measured."""
+    src.mkdir(parents=True, exist_ok=True)
+    rev = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO, check=False
+    ).stdout.strip()
+    if rev:
+        archive = subprocess.run(
+            ["git", "archive", "HEAD", "botbox"], capture_output=True, cwd=REPO, check=False
+        )
+        if archive.returncode == 0:
+            subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
+            return f"git {rev} (committed botbox/)"
+    shutil.copytree(REPO / "botbox", src / "botbox", ignore=shutil.ignore_patterns("__pycache__"))
+    return "working tree copy"
+
+
 def start_botbox(
     work: Path,
     certs: Certs,
@@ -523,7 +541,7 @@ def start_botbox(
     # (rounds, workers=2, RSS rows) measures the same code even while the checkout is being edited
     src = work / "src"
     if not (src / "botbox").exists():
-        shutil.copytree(REPO / "botbox", src / "botbox", ignore=shutil.ignore_patterns("__pycache__"))
+        snapshot_botbox(src)
     env = dict(os.environ, PYTHONPATH=str(src), PYTHONDONTWRITEBYTECODE="1")
     proc = spawn(
         name,

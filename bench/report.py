@@ -48,9 +48,9 @@ def render(raw: dict[str, Any]) -> str:
     w(f"Machine: {meta['machine']}  ")
     tools = meta.get("tools", {})
     w("Tools: " + ", ".join(f"{k} {v}" for k, v in tools.items()) + "  ")
+    code = meta.get("botbox_code", "git " + str(meta.get("git", "?")))
     w(
-        f"Run: {meta['started']} (git {meta.get('git', '?')}"
-        f"{', uncommitted changes under botbox/' if meta.get('botbox_tree_dirty') else ''}), "
+        f"Run: {meta['started']} (BotBox measured: {code}), "
         f"{args.get('rounds')} interleaved round(s) × "
         f"{args.get('duration')} s per run after a {args.get('warmup')} s warm-up; wall time "
         f"{meta.get('wall_seconds', '?')} s. "
