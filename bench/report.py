@@ -29,6 +29,22 @@ def _m(rs: list[dict[str, Any]], key: str, nd: int = 1) -> str:
     return _fmt(_med([r[key] for r in rs]), nd)
 
 
+def _flags(args: dict[str, Any]) -> str:
+    """The command-line flags of the run that differ from the defaults (quick's own defaults included)."""
+    out = ""
+    if args.get("quick"):
+        out += " --quick"
+    if args.get("no_install"):
+        out += " --no-install"
+    if args.get("contenders") and args["contenders"] != ",".join(PEERS):
+        out += f" --contenders {args['contenders']}"
+    if args.get("conc") and args["conc"] != "1,32,256":
+        out += f" --conc {args['conc']}"
+    if args.get("skip"):
+        out += f" --skip {args['skip']}"
+    return out
+
+
 def _order(names: set[str]) -> list[str]:
     known = [n for n in PEERS if n in names]
     return known + sorted(names - set(known))
@@ -54,7 +70,7 @@ def render(raw: dict[str, Any]) -> str:
         f"{args.get('rounds')} interleaved round(s) × "
         f"{args.get('duration')} s per run after a {args.get('warmup')} s warm-up; wall time "
         f"{meta.get('wall_seconds', '?')} s. "
-        f"Command: `./dev bench{' --quick' if args.get('quick') else ''}`.\n"
+        f"Command: `./dev bench{_flags(args)}`.\n"
     )
     w(
         "Layout: contender pinned to CPU 1; wrk (1 thread), the nginx origin (1 worker, TLS 1.3) and the SSE "
