@@ -476,28 +476,26 @@ def test_upstream_response_with_both_framings_is_reframed(
     fault_server: Callable[..., FaultServer], proxy_factory: Callable[[dict[str, Any]], RunningProxy],
     secrets_dir: Path, ca_file: Path,
 ) -> None:
-    """An upstream answer with Content-Length *and* chunked (plus a forged second response behind it):
-    the app gets exactly the chunked body, correctly framed, and never the forged bytes.
-
-    (Residual, documented: the forged bytes stay in the pooled upstream connection's parser buffer and
-    would answer the *next* request on that connection — an upstream-side desync that needs a
-    compromised upstream, which is out of the threat model.)"""
+    """An upstream answer with Content-Length *and* chunked plus a forged second response behind it:
+    the app gets exactly the chunked body, correctly framed; the forged bytes never reach any app
+    request — neither this one nor the next one (the pooled upstream connection holding leftover
+    bytes must not be reused)."""
     srv = fault_server("resp_cl_te")
     proxy = proxy_for(proxy_factory, secrets_dir, ca_file, srv.port)
-    raw = get(f"127.0.0.1:{srv.port}", "/a", headers=[("Connection", "close")])
-    with proxy.connect(timeout=8) as s:
-        s.sendall(raw)
-        data = b""
-        s.settimeout(5)
-        with contextlib.suppress(TimeoutError, ConnectionResetError):
-            while chunk := s.recv(65536):
-                data += chunk
-    assert b"forged!" not in data
-    head, _, _ = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200")
-    assert b"content-length: 60" not in head.lower(), "the upstream's wrong Content-Length was relayed"
-    resp = read_response_bytes(data)
-    assert resp == (200, b"hello")
+    for path in ("/a", "/b"):  # /b would be answered from the poisoned connection if it were reused
+        raw = get(f"127.0.0.1:{srv.port}", path, headers=[("Connection", "close")])
+        with proxy.connect(timeout=8) as s:
+            s.sendall(raw)
+            data = b""
+            s.settimeout(5)
+            with contextlib.suppress(TimeoutError, ConnectionResetError):
+                while chunk := s.recv(65536):
+                    data += chunk
+        assert b"forged!" not in data, path
+        head, _, _ = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), path
+        assert b"content-length: 60" not in head.lower(), "the upstream's wrong Content-Length was relayed"
+        assert read_response_bytes(data) == (200, b"hello"), path
 
 
 def read_response_bytes(data: bytes) -> tuple[int, bytes]:
