@@ -19,10 +19,19 @@ _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, default=str).encode
 
 
+# (second, "YYYY-MM-DDTHH:MM:SS"): strftime once per second, not per line; replaced as one tuple so a
+# logging thread never sees a second paired with another second's text.
+_ts_cache: tuple[int, str] = (-1, "")
+
+
 def _ts() -> str:
+    global _ts_cache  # noqa: PLW0603 - a one-entry cache
     now = time.time()
     secs = int(now)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{int((now - secs) * 1000):03d}Z"
+    cached = _ts_cache
+    if cached[0] != secs:
+        cached = _ts_cache = (secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)))
+    return f"{cached[1]}.{int((now - secs) * 1000):03d}Z"
 
 
 class JsonLogger:

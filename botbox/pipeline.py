@@ -598,41 +598,58 @@ async def _relay_response(conn: _Conn, req: _Request, response: UpstreamResponse
         # RFC 9112 6.3: Transfer-Encoding overrides Content-Length. An upstream that sends both has a
         # Content-Length that does not describe the (chunked) body we relay: never pass it on.
         down_headers = [(n, v) for n, v in down_headers if n.lower() != b"content-length"]
-    if conn.app.draining:
-        down_headers.append((b"Connection", b"close"))
-    reason = response.extensions.get("reason_phrase", b"")
-    out = h.send(
-        h11.Response(
-            status_code=response.status,
-            headers=down_headers,
-            reason=reason if isinstance(reason, bytes) else b"",
-        )
-    ) or b""
+    request = req.request
+    if request is None:  # pragma: no cover - _prepare always sets it
+        return False
+    status = response.status
+    reason = getattr(response, "reason", b"")
+    # Response framing towards the client (what h11 would choose; serialised here directly, the head
+    # and body having been validated by the strict upstream parser): bodiless for HEAD/204/304,
+    # else the upstream's Content-Length, else chunked for an HTTP/1.1 client, else close-delimited.
+    keep = _client_keep_alive(request) and not conn.app.draining
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason if isinstance(reason, bytes) else b"")]
+    length: int | None = None
+    for name, value in down_headers:
+        if len(name) == 14 and name.lower() == b"content-length":
+            if _DIGITS.fullmatch(value) is None:
+                raise UpstreamProtocolError("invalid Content-Length")
+            length = int(value)
+        parts += (name, b": ", value, b"\r\n")
+    chunked = False
+    if req.head_only or status in (204, 304):
+        length = 0
+    elif length is None:
+        if request.http_version == b"1.1":
+            chunked = True
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            keep = False  # an HTTP/1.0 client learns the end of the body from the close
+    if not keep:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    out = b"".join(parts)
+    sent = 0
     # Coalesce: body bytes that arrived with the head go out in the same write (and, for a complete
     # small response, the terminator too): one TLS record/syscall instead of three.
     take = getattr(response, "take_buffered", None)
     first = take() if take is not None else b""
     if first:
-        out += h.send(h11.Data(data=first)) or b""
-    if getattr(response, "complete", False):
-        out += h.send(h11.EndOfMessage()) or b""
+        sent = len(first)
+        out += b"%x\r\n%b\r\n" % (sent, first) if chunked else first
+    if not getattr(response, "complete", False):
         await conn.send(out, idle)
-        if h.our_state is h11.DONE and h.their_state is h11.DONE:
-            h.start_next_cycle()
-            conn.buf = h.trailing_data[0]
-            return True
-        return False
-    await conn.send(out, idle)
-    async for chunk in response.aiter_stream():
-        if chunk:
-            data = h.send(h11.Data(data=chunk))
-            if data:
-                await conn.send(data, idle)
-    end = h.send(h11.EndOfMessage())
-    if end:
-        await conn.send(end, idle)
-    if h.our_state is h11.DONE and h.their_state is h11.DONE:
-        h.start_next_cycle()
+        out = b""
+        async for chunk in response.aiter_stream():
+            if chunk:
+                sent += len(chunk)
+                await conn.send(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk, idle)
+    if length is not None and sent != (0 if req.head_only else length) and status not in (204, 304):
+        raise UpstreamProtocolError("response body length differs from its Content-Length")
+    if chunked:
+        out += b"0\r\n\r\n"
+    if out:
+        await conn.send(out, idle)
+    if keep and h.their_state is h11.DONE:
         conn.buf = h.trailing_data[0]
         return True
     return False

@@ -335,3 +335,42 @@ def test_both_framings_reframed_and_connection_never_reused(
     assert (r1.status, r1.body, r1.header("content-length")) == (200, b"hello", None)
     assert (r2.status, r2.body) == (200, b"real")
     assert up.connections == 2
+
+
+def test_client_framing_http10_client_head_and_204(
+    proxy_factory: StartProxy, base_config: dict[str, Any], scripted: Callable[..., ScriptedUpstream],
+) -> None:
+    """Framing towards the client: an HTTP/1.0 client gets an unframed body ended by the close (never
+    chunked); HEAD keeps the upstream's Content-Length without a body; 204 has no body and the
+    connection stays usable."""
+    up = scripted([
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    ])
+    proxy = _proxy_for(proxy_factory, base_config, up.port)
+    host = f"127.0.0.1:{up.port}"
+    with proxy.connect() as s:
+        s.sendall(get(host, "/old", version="1.0"))
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    assert lines[0] == b"http/1.1 200 ok"
+    assert b"connection: close" in lines
+    assert not any(line.startswith((b"transfer-encoding", b"content-length")) for line in lines)
+    assert body == b"abc"
+    with proxy.connect() as s:
+        leftover = bytearray()
+        s.sendall(get(host, "/h", method="HEAD"))
+        r1 = read_response(s, method=b"HEAD", leftover=leftover)
+        s.sendall(get(host, "/n"))
+        r2 = read_response(s, leftover=leftover)
+        s.sendall(get(host, "/ok"))
+        r3 = read_response(s, leftover=leftover)
+    assert (r1.status, r1.header("content-length"), r1.body) == (200, b"1234", b"")
+    assert (r2.status, r2.body, r2.header("transfer-encoding")) == (204, b"", None)
+    assert (r3.status, r3.body) == (200, b"ok")
+    assert up.connections == 1
