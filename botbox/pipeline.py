@@ -193,6 +193,8 @@ class _Head:
     cl_count: int = 0
     te_values: list[bytes] = field(default_factory=list)
     host_value: bytes = b""
+    cl_value: bytes | None = None
+    conn_close: bool = False  # a Connection header mentions "close"
 
 
 def _inspect_head(head: bytes) -> _Head:
@@ -221,10 +223,13 @@ def _inspect_head(head: bytes) -> _Head:
             info.host_value = value.strip(b" \t")
         elif lname == b"content-length":
             info.cl_count += 1
-            if not _DIGITS.fullmatch(value.strip(b" \t")):
+            info.cl_value = value.strip(b" \t")
+            if not _DIGITS.fullmatch(info.cl_value):
                 raise _bad()
         elif lname == b"transfer-encoding":
             info.te_values.append(value.strip(b" \t").lower())
+        elif lname == b"connection" and b"close" in value.lower():
+            info.conn_close = True
     if info.host_count > 1 or info.cl_count > 1 or len(info.te_values) > 1:
         raise _Reject(400, MSG_BAD_REQUEST, "bad_request")
     if info.te_values and (info.cl_count or info.te_values[0] != b"chunked"):
@@ -262,12 +267,6 @@ def _response_bytes(status: int, body: bytes, *, close: bool, head_only: bool) -
         lines.append(b"Connection: close")
     out = b"\r\n".join(lines) + b"\r\n\r\n"
     return out if head_only else out + body
-
-
-def _client_keep_alive(request: h11.Request) -> bool:
-    if request.http_version != b"1.1":
-        return False
-    return not any(name == b"connection" and b"close" in value.lower() for name, value in request.headers)
 
 
 class _Conn:
@@ -400,6 +399,11 @@ class _Request:
     upstream_target: bytes = b""
     up_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     rewritten: list[str] = field(default_factory=list)
+    # Framing and persistence as parsed (pre-check + h11): set by _prepare once per request.
+    keep_alive: bool = False
+    has_body: bool = False
+    chunked: bool = False
+    cl_value: bytes | None = None
 
 
 def _prepare(conn: _Conn, head: bytes, req: _Request) -> None:
@@ -424,8 +428,12 @@ def _prepare(conn: _Conn, head: bytes, req: _Request) -> None:
         raise _bad()
     request = req.request = event
     target = request.target
-    keep_alive = _client_keep_alive(request)
+    # HTTP/1.1 without "Connection: close" (h11 validated the version; the pre-check saw the headers).
+    keep_alive = req.keep_alive = request.http_version == b"1.1" and not info.conn_close
     has_body = info.cl_count > 0 or bool(info.te_values)
+    req.chunked = bool(info.te_values)  # the pre-check allows only exactly "chunked", never with CL
+    req.cl_value = info.cl_value
+    req.has_body = req.chunked or (info.cl_value is not None and info.cl_value != b"0")
     soft_close = has_body or not keep_alive  # a 403/500 keeps the connection only without a body
 
     # Authority: the Host header, cross-checked against an absolute-form URI.
@@ -606,7 +614,7 @@ async def _relay_response(conn: _Conn, req: _Request, response: UpstreamResponse
     # Response framing towards the client (what h11 would choose; serialised here directly, the head
     # and body having been validated by the strict upstream parser): bodiless for HEAD/204/304,
     # else the upstream's Content-Length, else chunked for an HTTP/1.1 client, else close-delimited.
-    keep = _client_keep_alive(request) and not conn.app.draining
+    keep = req.keep_alive and not conn.app.draining
     parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason if isinstance(reason, bytes) else b"")]
     length: int | None = None
     for name, value in down_headers:
@@ -649,7 +657,9 @@ async def _relay_response(conn: _Conn, req: _Request, response: UpstreamResponse
         out += b"0\r\n\r\n"
     if out:
         await conn.send(out, idle)
-    if keep and h.their_state is h11.DONE:
+    # A bodiless request is complete once its head is parsed (h11's zero-length body reader consumes
+    # nothing, so trailing_data is exactly the pipelined bytes); a body must have been read to its end.
+    if keep and (not req.has_body or h.their_state is h11.DONE):
         conn.buf = h.trailing_data[0]
         return True
     return False
@@ -657,18 +667,12 @@ async def _relay_response(conn: _Conn, req: _Request, response: UpstreamResponse
 
 def _upstream_framing(req: _Request) -> tuple[list[tuple[bytes, bytes]], bool]:
     """Headers for upstream with framing exactly as parsed from the client; and whether a body follows."""
-    request = req.request
     headers = [(n, v) for (n, v) in req.up_headers if n.lower() not in _FRAMING]
-    has_body = False
-    if request is not None:
-        for name, value in request.headers:
-            if name == b"content-length":
-                headers.append((b"Content-Length", value))
-                has_body = value != b"0"
-            elif name == b"transfer-encoding":
-                headers.append((b"Transfer-Encoding", b"chunked"))
-                has_body = True
-    return headers, has_body
+    if req.chunked:
+        headers.append((b"Transfer-Encoding", b"chunked"))
+    elif req.cl_value is not None:
+        headers.append((b"Content-Length", req.cl_value))
+    return headers, req.has_body
 
 
 async def _forward(conn: _Conn, req: _Request) -> bool:
@@ -682,8 +686,6 @@ async def _forward(conn: _Conn, req: _Request) -> bool:
         return False
     mhost = decision.metric_host
     headers, has_body = _upstream_framing(req)
-    if not has_body:
-        _drain_empty_body(h)  # consume the client's EndOfMessage so keep-alive can continue
     upstream_status: int | None = None
     problem: str | None = None
     verdict = "allow"
