@@ -8,11 +8,9 @@ Callers never pass header values; ``headers_rewritten`` holds names only.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
-import threading
 import time
 from typing import Any, TextIO
 
@@ -42,53 +40,19 @@ class JsonLogger:
     def __init__(self, stream: TextIO | None = None, level: str = "info") -> None:
         self._stream = stream
         self._min = _LEVELS[level]
-        # Per-request access lines written from the event loop are batched: one write() per loop
-        # iteration instead of one per request (the write syscall was ~5 us/req). Every other line
-        # writes the pending batch first, so order is kept and nothing waits past the next line.
-        self._lock = threading.Lock()
-        self._pending: list[str] = []
-
-    def _emit(self, line: str) -> None:
-        with self._lock:
-            if self._pending:
-                self._pending.append(line)
-                line = "".join(self._pending)
-                self._pending = []
-            self._out(line)
-
-    def _out(self, data: str) -> None:
-        stream = self._stream if self._stream is not None else sys.stderr
-        try:
-            stream.write(data)
-            stream.flush()
-        except (OSError, ValueError):  # stderr closed: logging must never take the proxy down
-            pass
-
-    def _emit_batched(self, line: str) -> None:
-        loop = asyncio._get_running_loop()
-        if loop is None:
-            self._emit(line)
-            return
-        with self._lock:
-            first = not self._pending
-            self._pending.append(line)
-        if first:
-            loop.call_soon(self.flush)
-
-    def flush(self) -> None:
-        """Write the pending access lines (called once per loop iteration that produced any)."""
-        with self._lock:
-            if self._pending:
-                data = "".join(self._pending)
-                self._pending = []
-                self._out(data)
 
     def _write(self, level: str, msg: str, fields: dict[str, Any]) -> None:
         if _LEVELS[level] < self._min:
             return
         record: dict[str, Any] = {"ts": _ts(), "level": level, "msg": msg}
         record.update(fields)
-        self._emit(_dumps(record) + "\n")
+        line = _dumps(record) + "\n"
+        stream = self._stream if self._stream is not None else sys.stderr
+        try:
+            stream.write(line)
+            stream.flush()
+        except (OSError, ValueError):  # stderr closed: logging must never take the proxy down
+            pass
 
     def debug(self, msg: str, **fields: Any) -> None:
         self._write("debug", msg, fields)
@@ -118,13 +82,10 @@ class JsonLogger:
         duration_ms: float,
     ) -> None:
         """The per-request access line: exactly the CONTRACT §6 fields plus ts/level/msg."""
-        if _LEVELS["info"] < self._min:
-            return
-        self._emit_batched(_dumps(
+        self._write(
+            "info",
+            "request",
             {
-                "ts": _ts(),
-                "level": "info",
-                "msg": "request",
                 "request_id": request_id,
                 "client": client,
                 "orig_dst": orig_dst,
@@ -136,8 +97,8 @@ class JsonLogger:
                 "headers_rewritten": headers_rewritten,
                 "upstream_status": upstream_status,
                 "duration_ms": duration_ms,
-            }
-        ) + "\n")
+            },
+        )
 
 
 class JsonLogHandler(logging.Handler):
