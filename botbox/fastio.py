@@ -10,7 +10,7 @@ same socket attributes (``remote_address``, ``local_address``, ``raw_socket``, `
 pipeline and the TLS interception layer use it unchanged.
 
 Flow control: ``send`` waits while the transport's write buffer is above its high-water mark
-(``pause_writing``); reading is paused while more than ``_READ_HIGH_WATER`` received bytes are waiting
+(``pause_writing``); reading is paused while more than ``READ_HIGH_WATER`` received bytes are waiting
 for ``receive`` (a client cannot make the proxy buffer an unbounded request body).
 """
 
@@ -26,18 +26,24 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
-__all__ = ["FastStream"]
+__all__ = ["READ_HIGH_WATER", "READ_LOW_WATER", "BufferedProtocol", "FastStream"]
 
 
 def _expire(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_exception(TimeoutError())
 
-_READ_HIGH_WATER = 256 * 1024
-_READ_LOW_WATER = 64 * 1024
+READ_HIGH_WATER = 256 * 1024
+READ_LOW_WATER = 64 * 1024
 
 
-class _Protocol(asyncio.Protocol):
+class BufferedProtocol(asyncio.Protocol):
+    """Buffers received bytes and wakes one waiting reader; flow control in both directions (reading is
+    paused above ``READ_HIGH_WATER`` buffered bytes, writers wait while the transport asks to pause);
+    tracks EOF and connection loss. Shared by accepted client sockets and upstream connections.
+    ``HALF_CLOSE`` says whether a peer's EOF keeps our sending side open."""
+
+    HALF_CLOSE = True
     __slots__ = ("buf", "drainer", "eof", "exc", "lost", "reader", "reading_paused", "transport",
                  "write_paused")
 
@@ -57,7 +63,7 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        if len(self.buf) > _READ_HIGH_WATER and not self.reading_paused and self.transport is not None:
+        if len(self.buf) > READ_HIGH_WATER and not self.reading_paused and self.transport is not None:
             self.transport.pause_reading()
             self.reading_paused = True
         reader = self.reader
@@ -67,7 +73,7 @@ class _Protocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         self._wake()
-        return True  # half-close: the response may still be written
+        return self.HALF_CLOSE  # True: half-close, the response may still be written
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True
@@ -97,8 +103,8 @@ class _Protocol(asyncio.Protocol):
 class FastStream(anyio.abc.SocketStream):
     """An accepted TCP connection as an anyio byte stream (see the module docstring)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, protocol: _Protocol,
-                 sock: socket.socket, remote: Any) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport,
+                 protocol: BufferedProtocol, sock: socket.socket, remote: Any) -> None:
         self._loop = loop
         self._transport = transport
         self._p = protocol
@@ -110,7 +116,7 @@ class FastStream(anyio.abc.SocketStream):
     async def from_accepted(cls, sock: socket.socket, remote: Any) -> FastStream:
         """Wrap an accepted socket (ownership passes to the stream)."""
         loop = asyncio.get_running_loop()
-        protocol = _Protocol()
+        protocol = BufferedProtocol()
         try:
             transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
         except BaseException:
@@ -164,7 +170,7 @@ class FastStream(anyio.abc.SocketStream):
         else:
             data = bytes(buf[:max_bytes])
             del buf[:max_bytes]
-        if p.reading_paused and len(buf) < _READ_LOW_WATER and not p.lost:
+        if p.reading_paused and len(buf) < READ_LOW_WATER and not p.lost:
             p.reading_paused = False
             self._transport.resume_reading()
         return data

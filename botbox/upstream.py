@@ -40,6 +40,8 @@ from pathlib import Path
 import anyio
 import certifi
 
+from botbox.fastio import READ_LOW_WATER, BufferedProtocol
+
 __all__ = [
     "MAX_RESPONSE_HEAD_BYTES",
     "ResponseHead",
@@ -183,8 +185,6 @@ def parse_response_head(head: bytes) -> ResponseHead:
 
 # -- transport ---------------------------------------------------------------------------------------
 
-_READ_HIGH_WATER = 256 * 1024  # pause reading from the upstream above this many buffered bytes
-_READ_LOW_WATER = 64 * 1024
 _IDEMPOTENT_NO_BODY = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 
 
@@ -193,57 +193,12 @@ def _fire_timeout(fut: asyncio.Future[None]) -> None:
         fut.set_exception(UpstreamTimeout("upstream idle timeout"))
 
 
-class _Protocol(asyncio.Protocol):
-    """Buffers received bytes and wakes one reader; flow control in both directions (reading is paused
-    while the buffer is above the high-water mark, so a fast upstream cannot make us buffer a whole
-    body while the client reads slowly); tracks connection loss."""
+class _Protocol(BufferedProtocol):
+    """An upstream connection's protocol: the shared buffering and flow control, but an EOF from the
+    upstream closes the connection (no half-close: the response is complete or broken)."""
 
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
-        self.eof = False
-        self.lost: Exception | None = None
-        self.reader: asyncio.Future[None] | None = None
-        self.paused = False
-        self.drainer: asyncio.Future[None] | None = None
-        self.reading_paused = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        if len(self.buf) > _READ_HIGH_WATER and not self.reading_paused and self.transport is not None:
-            self.transport.pause_reading()
-            self.reading_paused = True
-        reader = self.reader
-        if reader is not None and not reader.done():
-            reader.set_result(None)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        self._wake_reader()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.eof = True
-        self.lost = exc
-        self._wake_reader()
-        self.paused = False
-        if self.drainer is not None and not self.drainer.done():
-            self.drainer.set_result(None)
-
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        if self.drainer is not None and not self.drainer.done():
-            self.drainer.set_result(None)
-
-    def _wake_reader(self) -> None:
-        if self.reader is not None and not self.reader.done():
-            self.reader.set_result(None)
+    __slots__ = ()
+    HALF_CLOSE = False
 
 
 class _Connection:
@@ -285,7 +240,7 @@ class _Connection:
 
     def resume_if_low(self) -> None:
         proto = self.proto
-        if proto.reading_paused and len(proto.buf) < _READ_LOW_WATER and not proto.eof:
+        if proto.reading_paused and len(proto.buf) < READ_LOW_WATER and not proto.eof:
             proto.reading_paused = False
             self.transport.resume_reading()
 
@@ -295,7 +250,7 @@ class _Connection:
             raise UpstreamConnectError("upstream connection closed")
         transport.write(data)
         proto = self.proto
-        if proto.paused:
+        if proto.write_paused:
             loop = asyncio.get_running_loop()
             fut: asyncio.Future[None] = loop.create_future()
             proto.drainer = fut
@@ -305,7 +260,7 @@ class _Connection:
             finally:
                 proto.drainer = None
                 handle.cancel()
-            if proto.lost is not None or transport.is_closing():
+            if proto.lost or transport.is_closing():
                 raise UpstreamConnectError("upstream connection lost while sending")
 
 
@@ -401,7 +356,7 @@ class UpstreamResponse:
                 if not buf:
                     await conn.wait_readable(timeout)
                     if not buf:
-                        if proto.lost is not None:
+                        if proto.exc is not None:
                             raise UpstreamConnectError("upstream connection broke mid-body")
                         self._done = True
                         return

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 import pytest
 
-from botbox.fastio import _READ_HIGH_WATER, FastStream
+from botbox.fastio import READ_HIGH_WATER, FastStream
 from tests.support.proxy import RunningProxy, get, read_response
 from tests.support.upstream import TLSUpstream
 
@@ -98,7 +98,7 @@ def test_fast_client_is_paused_not_buffered(uvloop: bool) -> None:
                     await asyncio.sleep(0.01)  # let the loop read until it pauses
             buffered = len(stream._p.buf)
             assert stream._p.reading_paused
-            assert buffered <= _READ_HIGH_WATER + 256 * 1024, buffered
+            assert buffered <= READ_HIGH_WATER + 256 * 1024, buffered
             assert sent < total, "the client could push everything: nothing pushed back"
             got = bytearray()
             while len(got) < sent:
